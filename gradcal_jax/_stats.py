@@ -1,0 +1,103 @@
+"""Private registry of gradcal state types, and the walk that reads their statistics.
+
+Every gradcal state NamedTuple is declared with :func:`register_state`, naming the
+transform and the fields a user would log. :func:`collect` walks any nested optax
+state (``optax.chain`` tuples, ``masked``, ``inject_hyperparams``, ``MultiSteps``,
+our wrappers, dicts, Flax NNX optimizer variables) and returns those fields as a
+flat ``dict`` with stable keys ``"<transform>/<field>"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import jax
+
+_T = TypeVar("_T")
+
+# state type -> (transform name, fields exported as statistics)
+_REGISTRY: dict[type, tuple[str, tuple[str, ...]]] = {}
+
+
+def register_state(name: str, fields: tuple[str, ...]) -> Callable[[_T], _T]:
+  """Class decorator: ``fields`` of this state are the statistics of ``name``.
+
+  A field may hold a scalar or a pytree of scalars (for example one norm per
+  layer); the latter is exported one key per leaf, ``"<name>/<field>/<path>"``.
+  Fields not listed (buffers, inner states) are not exported, but gradcal states
+  nested inside them are still found.
+  """
+  def decorate(cls: _T) -> _T:
+    missing = set(fields) - set(cls._fields)  # type: ignore[attr-defined]
+    if missing:
+      raise TypeError(f"{cls!r} has no fields {sorted(missing)}")
+    _REGISTRY[cls] = (name, tuple(fields))  # type: ignore[index]
+    return cls
+  return decorate
+
+
+def _unwrap(x: Any) -> Any:
+  # A Flax NNX optimizer keeps its optax state in Variables; read their values.
+  value = getattr(x, "value", None)
+  if value is not None and type(x).__name__.startswith("Opt"):
+    return value
+  return x
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  """``"layers/0/kernel"`` for a ``jax.tree_util`` key path."""
+  parts = []
+  for key in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _is_node(x: Any) -> bool:
+  return isinstance(x, (tuple, list, dict)) or (
+      hasattr(x, "items") and callable(x.items))
+
+
+def _children(x: Any) -> Iterator[Any]:
+  if isinstance(x, (tuple, list)):
+    yield from x
+  elif _is_node(x):
+    yield from (v for _, v in sorted(x.items(), key=lambda kv: str(kv[0])))
+
+
+def _walk(state: Any) -> Iterator[tuple[str, tuple[str, ...], Any]]:
+  if type(state) in _REGISTRY:
+    name, fields = _REGISTRY[type(state)]
+    yield name, fields, state
+  if _is_node(state):
+    for child in _children(state):
+      yield from _walk(child)
+
+
+def collect(opt_state: Any) -> dict[str, jax.Array]:
+  """Flat ``{"<transform>/<field>": array}`` of every registered state inside.
+
+  Keys are stable: the walk follows the state's own order, and a transform
+  that appears again gets a suffix (``clip_by_global_norm_1/norm``).
+  """
+  out: dict[str, jax.Array] = {}
+  seen: dict[str, int] = {}
+  for name, fields, state in _walk(opt_state):
+    count = seen.get(name, 0)
+    seen[name] = count + 1
+    prefix = name if count == 0 else f"{name}_{count}"
+    for field in fields:
+      value = getattr(state, field)
+      leaves = jax.tree_util.tree_flatten_with_path(
+          value, is_leaf=lambda x: _unwrap(x) is not x)[0]
+      for path, leaf in leaves:
+        key = f"{prefix}/{field}"
+        if path:
+          key = f"{key}/{path_str(path)}"
+        out[key] = _unwrap(leaf)
+  return out
