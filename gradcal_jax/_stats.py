@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
+from flax import nnx
 
 _T = TypeVar("_T")
 
@@ -39,9 +40,8 @@ def register_state(name: str, fields: tuple[str, ...]) -> Callable[[_T], _T]:
 
 def _unwrap(x: Any) -> Any:
   # A Flax NNX optimizer keeps its optax state in Variables; read their values.
-  value = getattr(x, "value", None)
-  if value is not None and type(x).__name__.startswith("Opt"):
-    return value
+  if isinstance(x, nnx.Variable):
+    return x.get_value()
   return x
 
 

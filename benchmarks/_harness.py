@@ -1,0 +1,122 @@
+"""Timing helpers shared by the benchmark files (not part of the library).
+
+Every row times a jitted update after warm-up, blocks on its results, takes the
+median of repeats, and is compared with a reference measured in the same process
+right after it, and with the memory-bound floor: reading and writing the same
+gradient once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+LEAVES = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One line of the table: our time, the reference's, and the floor (seconds)."""
+  transform: str
+  size: int
+  ours: float
+  reference_name: str
+  reference: float
+  floor: float
+  note: str = ""
+
+  @property
+  def ratio(self) -> float:
+    return self.ours / self.reference
+
+  @property
+  def floor_ratio(self) -> float:
+    return self.ours / self.floor
+
+
+def make_tree(total: int, leaves: int = LEAVES, dtype: Any = jnp.float32,
+              seed: int = 0) -> dict[str, jax.Array]:
+  """A pytree of ``leaves`` leaves totalling about ``total`` entries.
+
+  Shaped like a model: most leaves are 2-D kernels (in, out), every fourth is
+  a bias vector, sizes vary by a factor of a few around the mean.
+  """
+  rng = np.random.default_rng(seed)
+  weights = rng.uniform(0.5, 2.0, leaves)
+  sizes = np.maximum(1, (weights / weights.sum() * total).astype(int))
+  tree = {}
+  for i, n in enumerate(sizes):
+    if i % 4 == 3:
+      shape = (int(n),)
+    else:
+      out = 128
+      shape = (max(1, int(n) // out), out)
+    tree[f"layer_{i:03d}"] = jnp.asarray(
+        rng.standard_normal(shape, dtype=np.float32), dtype)
+  return tree
+
+
+def entries(tree: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 15,
+            warmup: int = 3, **kwargs: Any) -> float:
+  """Median wall time (s) of ``fn(*args, **kwargs)``, results blocked on."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args, **kwargs))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args, **kwargs))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def time_update(tx: optax.GradientTransformation, grads: Any,
+                params: Any = None, repeats: int = 15, **extra: Any) -> float:
+  """Median time (s) of one jitted ``tx.update`` from its initial state."""
+  state = tx.init(params if params is not None else grads)
+  update = jax.jit(tx.update)
+  return time_fn(update, grads, state, params, repeats=repeats, **extra)
+
+
+def time_floor(tree: Any, repeats: int = 15) -> float:
+  """The memory-bound floor: read every entry once and write it once."""
+  return time_fn(jax.jit(lambda t: jax.tree.map(jnp.negative, t)), tree,
+                 repeats=repeats)
+
+
+def compare(name: str, tx: optax.GradientTransformation, reference_name: str,
+            reference: optax.GradientTransformation, grads: Any,
+            params: Any = None, floor: float | None = None,
+            note: str = "") -> Row:
+  """Times ``tx`` then ``reference`` on the same inputs and returns a Row."""
+  ours = time_update(tx, grads, params)
+  ref = time_update(reference, grads, params)
+  if floor is None:
+    floor = time_floor(grads)
+  return Row(name, entries(grads), ours, reference_name, ref, floor, note)
+
+
+def table(rows: list[Row]) -> str:
+  """A Markdown table of ``rows`` (times in milliseconds)."""
+  lines = [
+      "| transform | entries | ours (ms) | reference | ref (ms) | ratio |"
+      " floor (ms) | ours / floor | note |",
+      "|---|---:|---:|---|---:|---:|---:|---:|---|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r.transform} | {r.size:,} | {r.ours * 1e3:.3f} | "
+        f"{r.reference_name} | {r.reference * 1e3:.3f} | {r.ratio:.2f} | "
+        f"{r.floor * 1e3:.3f} | {r.floor_ratio:.2f} | {r.note} |")
+  return "\n".join(lines)

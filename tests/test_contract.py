@@ -1,0 +1,478 @@
+"""The transform contract (CONVENTIONS.md, section 1), checked for every public transform.
+
+One parameterized suite over ``CASES``: a new transform is covered by adding one
+``Case`` line. Each check compares the transform with itself under another
+condition (jit, scan, sharding, a checkpoint, optax's combinators) or with a
+property every transform must have; the values of each technique are checked
+against NumPy references in its own test file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import gradcal_jax as gc
+
+
+def _half_square(params: Any) -> jax.Array:
+  """A loss whose gradient is ``params``: a value_fn for checking transforms."""
+  return sum(0.5 * jnp.sum(jnp.square(x.astype(jnp.float32)))
+             for x in jax.tree.leaves(params)
+             if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A public transform with typical arguments.
+
+  Attributes:
+    name: the factory's name; ``stats`` keys of its state start with it.
+    make: the factory (or a lambda wrapping it, e.g. binding an inner transform).
+    kwargs: typical keyword arguments for ``make``.
+    needs_params: whether ``update`` requires params.
+    extra_args: ``(grads, params) -> dict`` of keyword arguments for ``update``
+      (``value_fn=``, ``loss=``, ``weight=``), or None.
+    bad: ``(kwargs, regex)`` pairs: ``make(**kwargs)`` raises a ``ValueError``
+      whose message matches ``regex``.
+    static_args: arguments that ``optax.inject_hyperparams`` must keep static
+      (shapes depend on them, e.g. a buffer length).
+    has_stats: whether ``stats`` finds at least one statistic in its state.
+    skips_nonfinite: a guard that skips a non-finite step (zeros out, counted
+      in a ``*nonfinite*`` statistic) instead of letting it through.
+  """
+  name: str
+  make: Callable[..., optax.GradientTransformation]
+  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  needs_params: bool = False
+  extra_args: Callable[[Any, Any], dict[str, Any]] | None = None
+  bad: tuple[tuple[dict[str, Any], str], ...] = ()
+  static_args: tuple[str, ...] = ()
+  has_stats: bool = True
+  skips_nonfinite: bool = False
+
+  def __str__(self) -> str:
+    return self.name
+
+  def build(self) -> optax.GradientTransformation:
+    return self.make(**self.kwargs)
+
+  def extra(self, grads: Any, params: Any) -> dict[str, Any]:
+    return {} if self.extra_args is None else self.extra_args(grads, params)
+
+
+CASES: list[Case] = [
+    Case("monitor", gc.monitor, {"vanishing_below": 1e-6, "exploding_above": 10.0},
+         bad=(({"vanishing_below": -1.0}, "vanishing_below must be in"),
+              ({"exploding_above": -1.0}, "exploding_above must be in"),
+              ({"vanishing_below": 5.0, "exploding_above": 1.0},
+               "vanishing_below must be smaller than exploding_above"))),
+    Case("autoclip", gc.autoclip, {"percentile": 50.0, "history": 4},
+         static_args=("history",),
+         bad=(({"percentile": 101.0}, r"percentile must be in \[0.0, 100.0\]"),
+              ({"history": 0}, "history must be an integer >= 1"))),
+    Case("zclip", gc.zclip, {"z_threshold": 1.0, "alpha": 0.9, "warmup_steps": 2},
+         bad=(({"z_threshold": 0.0}, r"z_threshold must be in \(0.0"),
+              ({"alpha": 1.0}, r"alpha must be in \(0.0, 1.0\)"),
+              ({"warmup_steps": 0}, "warmup_steps must be an integer >= 1"),
+              ({"max_norm": -1.0}, "max_norm must be in"))),
+    Case("skip_spikes", lambda **kw: gc.skip_spikes(optax.adam(1e-3), **kw),
+         {"sigma": 1.0, "window": 4, "min_history": 2},
+         extra_args=lambda grads, params: {"loss": _half_square(params)},
+         static_args=("window",), skips_nonfinite=True,
+         bad=(({"sigma": 0.0}, r"sigma must be in \(0.0"),
+              ({"window": 0}, "window must be an integer >= 1"),
+              ({"min_history": 5}, r"min_history must be in \[1, 4\]"))),
+]
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+def _tree(dtype: Any = jnp.float32, seed: int = 0, scale: float = 1.0) -> dict[str, Any]:
+  """A small model-shaped pytree: Dense and Conv kernels, a bias, a scalar."""
+  rng = np.random.default_rng(seed)
+  shapes = {
+      "dense": {"kernel": (16, 8), "bias": (8,)},
+      "conv": {"kernel": (3, 3, 4, 8)},
+      "scale": (),
+  }
+  return jax.tree.map(
+      lambda s: jnp.asarray(scale * rng.standard_normal(s), dtype),
+      shapes, is_leaf=lambda s: isinstance(s, tuple))
+
+
+def _grads_at(step: int, dtype: Any = jnp.float32) -> dict[str, Any]:
+  # Steps of different sizes, so history-based transforms see a varied sequence.
+  return _tree(dtype, seed=100 + step, scale=1.0 + 0.5 * (step % 3))
+
+
+def _run(tx: optax.GradientTransformation, case: Case, steps: int,
+         jit: bool, dtype: Any = jnp.float32,
+         grads_fn: Callable[[int], Any] | None = None,
+         params: Any = None) -> tuple[list[Any], Any]:
+  """Runs ``steps`` updates with moving params; returns (updates list, state)."""
+  grads_fn = grads_fn or (lambda t: _grads_at(t, dtype))
+  params = _tree(dtype, seed=1) if params is None else params
+  state = tx.init(params)
+
+  def step(grads, state, params):
+    return tx.update(grads, state, params, **case.extra(grads, params))
+
+  step = jax.jit(step) if jit else step
+  outs = []
+  for t in range(steps):
+    updates, state = step(grads_fn(t), state, params)
+    params = optax.apply_updates(params, updates)
+    outs.append(updates)
+  return outs, state
+
+
+def _assert_all_finite(tree: Any) -> None:
+  for x in jax.tree.leaves(tree):
+    assert np.all(np.isfinite(np.asarray(x, np.float64))), tree
+
+
+def _stat_dtypes_ok(state: Any) -> None:
+  allowed = {np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.bool_)}
+  for key, value in gc.stats(state).items():
+    assert np.dtype(value.dtype) in allowed, (key, value.dtype)
+    assert np.shape(value) == (), (key, np.shape(value))
+
+
+@pytest.fixture(params=CASES, ids=str)
+def case(request) -> Case:
+  return request.param
+
+
+# ---------------------------------------------------------------------------
+# 1. Pure optax: chain, masked, inject_hyperparams
+
+
+def test_is_an_optax_transform(case):
+  tx = case.build()
+  assert isinstance(tx, optax.GradientTransformation)
+  chained = optax.chain(tx, optax.sgd(0.1))
+  outs, _ = _run(chained, case, steps=2, jit=True)
+  _assert_all_finite(outs)
+
+
+def test_inside_masked_matches_the_selected_subtree(case):
+  mask = {"dense": True, "conv": False, "scale": False}
+  masked = optax.masked(case.build(), mask)
+  params = _tree(seed=1)
+  sub_params = {"dense": params["dense"]}
+  plain = case.build()
+  state, sub_state = masked.init(params), plain.init(sub_params)
+  for t in range(3):
+    grads = _grads_at(t)
+    sub_grads = {"dense": grads["dense"]}
+    out, state = jax.jit(masked.update)(
+        grads, state, params, **case.extra(sub_grads, sub_params))
+    expect, sub_state = jax.jit(plain.update)(
+        sub_grads, sub_state, sub_params, **case.extra(sub_grads, sub_params))
+    chex.assert_trees_all_close(out["dense"], expect["dense"], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal(out["conv"], grads["conv"])
+    chex.assert_trees_all_equal(out["scale"], grads["scale"])
+    params = optax.apply_updates(params, out)
+    sub_params = {"dense": params["dense"]}
+
+
+def test_inject_hyperparams_matches_plain(case):
+  numeric = {k: v for k, v in case.kwargs.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and k not in case.static_args}
+  if not numeric:
+    pytest.skip("no numeric hyperparameter to inject")
+  injected = optax.inject_hyperparams(
+      case.make, static_args=case.static_args)(**case.kwargs)
+  expect, plain_state = _run(case.build(), case, steps=3, jit=True)
+  got, state = _run(injected, case, steps=3, jit=True)
+  chex.assert_trees_all_close(got, expect, rtol=1e-5, atol=1e-6)
+  for k, v in numeric.items():
+    assert np.isclose(float(state.hyperparams[k]), v)
+  plain_stats, injected_stats = gc.stats(plain_state), gc.stats(state)
+  assert plain_stats.keys() == injected_stats.keys()
+  chex.assert_trees_all_close(injected_stats, plain_stats, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# 2. Jit and scan safe
+
+
+def test_jit_matches_eager(case):
+  eager, eager_state = _run(case.build(), case, steps=3, jit=False)
+  jitted, jit_state = _run(case.build(), case, steps=3, jit=True)
+  chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(gc.stats(jit_state), gc.stats(eager_state),
+                              rtol=1e-5, atol=1e-6)
+
+
+def test_state_structure_is_fixed(case):
+  tx = case.build()
+  params = _tree(seed=1)
+  init_state = tx.init(params)
+  _, state = jax.jit(lambda g, s, p: tx.update(g, s, p, **case.extra(g, p)))(
+      _grads_at(0), init_state, params)
+  assert jax.tree.structure(state) == jax.tree.structure(init_state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, init_state)
+
+
+def test_lax_scan_over_five_steps_matches_a_loop(case):
+  tx = case.build()
+  grads_seq = jax.tree.map(lambda *xs: jnp.stack(xs), *[_grads_at(t) for t in range(5)])
+
+  def body(carry, grads):
+    params, state = carry
+    updates, state = tx.update(grads, state, params, **case.extra(grads, params))
+    return (optax.apply_updates(params, updates), state), updates
+
+  params = _tree(seed=1)
+  (_, scan_state), scan_updates = jax.jit(
+      lambda p: jax.lax.scan(body, (p, tx.init(p)), grads_seq))(params)
+  loop_updates, loop_state = _run(tx, case, steps=5, jit=True)
+  loop_updates = jax.tree.map(lambda *xs: jnp.stack(xs), *loop_updates)
+  chex.assert_trees_all_close(scan_updates, loop_updates, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(gc.stats(scan_state), gc.stats(loop_state),
+                              rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# 3. Dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_low_precision_in_low_precision_out(case, dtype):
+  outs, state = _run(case.build(), case, steps=3, jit=True, dtype=dtype)
+  for updates in outs:
+    for x in jax.tree.leaves(updates):
+      assert x.dtype == dtype
+  _assert_all_finite(outs)
+  _stat_dtypes_ok(state)
+
+
+def test_float16_gradient_with_norm_above_65504(case):
+  # 10,000 entries of 300: the true norm, 30,000, is far above float16's max,
+  # but each entry and each step are ordinary.
+  params = {**_tree(jnp.float16, seed=1), "big": jnp.ones((10_000,), jnp.float16)}
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 300.0), params)
+  outs, state = _run(case.build(), case, steps=3, jit=True, dtype=jnp.float16,
+                     grads_fn=lambda t: grads, params=params)
+  for updates in outs:
+    for x in jax.tree.leaves(updates):
+      assert x.dtype == jnp.float16
+  _assert_all_finite(outs)
+  _assert_all_finite(gc.stats(state))
+
+
+def test_stats_are_float32_or_int32_scalars(case):
+  _, state = _run(case.build(), case, steps=2, jit=True)
+  found = gc.stats(state)
+  if case.has_stats:
+    assert found, "no statistic found in the state"
+    assert all(k.startswith(f"{case.name}/") for k in found), list(found)
+  _stat_dtypes_ok(state)
+
+
+# ---------------------------------------------------------------------------
+# 4. Numbers
+
+
+def test_zero_gradients_and_zero_params_stay_finite(case):
+  tx = case.build()
+  zeros = jax.tree.map(jnp.zeros_like, _tree(seed=1))
+  state = tx.init(zeros)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, **case.extra(g, p)))
+  for _ in range(3):
+    out, state = update(zeros, state, zeros)
+    _assert_all_finite(out)
+  _assert_all_finite(gc.stats(state))
+
+
+def test_nonfinite_gradient_is_never_hidden(case):
+  def grads_fn(t):
+    grads = _grads_at(t)
+    grads["dense"]["kernel"] = grads["dense"]["kernel"].at[0, 0].set(jnp.inf)
+    return grads
+  outs, state = _run(case.build(), case, steps=2, jit=True, grads_fn=grads_fn)
+  finite = all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(outs))
+  if case.skips_nonfinite:
+    for x in jax.tree.leaves(outs):
+      assert not np.any(np.asarray(x)), "a skipped step must give zeros"
+    counted = [v for k, v in gc.stats(state).items() if "nonfinite" in k]
+    assert counted and max(int(v) for v in counted) > 0
+  else:
+    assert not finite, "an inf gradient was turned into finite updates"
+
+
+# ---------------------------------------------------------------------------
+# 5. Validation at build time
+
+
+def test_bad_hyperparameters_raise_a_clear_value_error(case):
+  if not case.bad:
+    pytest.skip("no hyperparameter to validate")
+  for kwargs, message in case.bad:
+    with pytest.raises(ValueError, match=message):
+      case.make(**{**case.kwargs, **kwargs})
+
+
+def test_missing_params_raise_a_clear_value_error(case):
+  if not case.needs_params:
+    pytest.skip("does not need params")
+  tx = case.build()
+  grads = _grads_at(0)
+  with pytest.raises(ValueError, match=re.compile("param", re.I)):
+    tx.update(grads, tx.init(grads), None, **case.extra(grads, grads))
+
+
+# ---------------------------------------------------------------------------
+# 7. Pytrees
+
+
+def test_unusual_pytrees(case):
+  tx = case.build()
+  params = {
+      "a": {"w": jnp.ones((3, 2)), "b": None},
+      "masked": optax.MaskedNode(),
+      "s": jnp.asarray(0.5),
+      "step": jnp.asarray(7, jnp.int32),
+  }
+  grads = {
+      "a": {"w": jnp.full((3, 2), 0.25), "b": None},
+      "masked": optax.MaskedNode(),
+      "s": jnp.asarray(2.0),
+      "step": jnp.asarray(3, jnp.int32),
+  }
+  state = tx.init(params)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, **case.extra(g, p)))
+  for _ in range(2):
+    out, state = update(grads, state, params)
+    assert jax.tree.structure(out) == jax.tree.structure(grads)
+    assert out["step"].dtype == jnp.int32
+    assert int(out["step"]) in (3, 0)
+    _assert_all_finite(out)
+
+  empty_state = tx.init({})
+  out, _ = tx.update({}, empty_state, {}, **case.extra({}, {}))
+  assert out == {}
+
+
+def test_flax_nnx_optimizer(case):
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(case.build(), optax.sgd(0.1)),
+                            wrt=nnx.Param)
+  x, y = jnp.ones((5, 4)), jnp.zeros((5, 3))
+
+  def loss_fn(model):
+    return jnp.mean((model(x) - y) ** 2)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    params = nnx.state(model, nnx.Param)
+    optimizer.update(model, grads, **case.extra(grads, params))
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(3)]
+  assert np.all(np.isfinite(losses))
+  found = gc.stats(optimizer.opt_state)
+  if case.has_stats:
+    assert found and all(k.startswith(f"{case.name}/") for k in found)
+
+
+# ---------------------------------------------------------------------------
+# 8. Sharding
+
+
+_SHARDED_SPECS = {
+    "dense": {"kernel": P("d", None), "bias": P("d")},
+    "conv": {"kernel": P(None, None, None, "d")},
+    "scale": P(),
+}
+
+
+def _sharded_tree(mesh: Mesh, seed: int) -> Any:
+  rng = np.random.default_rng(seed)
+  shapes = {"dense": {"kernel": (64, 16), "bias": (16,)},
+            "conv": {"kernel": (3, 3, 4, 16)}, "scale": ()}
+  return jax.tree.map(
+      lambda s, spec: jax.device_put(jnp.asarray(rng.standard_normal(s), jnp.float32),
+                                     NamedSharding(mesh, spec)),
+      shapes, _SHARDED_SPECS, is_leaf=lambda s: isinstance(s, tuple))
+
+
+_GATHERS = re.compile(r"\b(all-gather|all-to-all|collective-permute)(-start)?\(")
+
+
+def test_sharded_gradient_keeps_its_sharding_and_values(case):
+  assert len(jax.devices()) >= 8, "tests/conftest.py should give 8 CPU devices"
+  mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+  tx = case.build()
+  params = _sharded_tree(mesh, seed=1)
+  grads = [_sharded_tree(mesh, seed=10 + t) for t in range(3)]
+
+  def step(g, s, p):
+    return tx.update(g, s, p, **case.extra(g, p))
+
+  update = jax.jit(step)
+  hlo = update.lower(grads[0], tx.init(params), params).compile().as_text()
+  moved = _GATHERS.findall(hlo)
+  assert not moved, f"the update moves gradient data between devices: {moved}"
+
+  state, local_state = tx.init(params), tx.init(jax.device_get(params))
+  local_params = jax.device_get(params)
+  for g in grads:
+    out, state = update(g, state, params)
+    expect, local_state = jax.jit(step)(jax.device_get(g), local_state, local_params)
+    chex.assert_trees_all_close(jax.device_get(out), expect, rtol=1e-5, atol=1e-6)
+    for leaf, grad_leaf in zip(jax.tree.leaves(out), jax.tree.leaves(g)):
+      assert leaf.sharding.is_equivalent_to(grad_leaf.sharding, leaf.ndim), (
+          leaf.sharding, grad_leaf.sharding)
+    params = optax.apply_updates(params, out)
+    local_params = optax.apply_updates(local_params, expect)
+
+
+# ---------------------------------------------------------------------------
+# 9. Checkpointable
+
+
+def test_orbax_checkpoint_resume_continues_exactly(case, tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  tx = case.build()
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, **case.extra(g, p)))
+
+  def steps(params, state, start, stop):
+    outs = []
+    for t in range(start, stop):
+      out, state = update(_grads_at(t), state, params)
+      params = optax.apply_updates(params, out)
+      outs.append(out)
+    return params, state, outs
+
+  params = _tree(seed=1)
+  params, state, _ = steps(params, tx.init(params), 0, 3)
+  _, _, expect = steps(params, state, 3, 6)
+
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
+  checkpointer.wait_until_finished()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          {"params": params, "opt_state": state})
+  restored = checkpointer.restore(tmp_path / "ckpt", abstract)
+  checkpointer.close()
+  assert jax.tree.structure(restored["opt_state"]) == jax.tree.structure(state)
+  _, _, got = steps(restored["params"], restored["opt_state"], 3, 6)
+  chex.assert_trees_all_equal(got, expect)
