@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m gradcal_jax
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --doctest-modules gradcal_jax --nbmake notebooks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
