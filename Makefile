@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest workers: the suite is CPU-bound compilation, one worker per core.
+JOBS ?= 2
 
 .PHONY: demo test bench clean
 
@@ -18,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python -m gradcal_jax
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests --doctest-modules gradcal_jax --nbmake notebooks
+	$(BIN)/python -m pytest -q -n $(JOBS) tests --doctest-modules gradcal_jax --nbmake notebooks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

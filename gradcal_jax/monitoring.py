@@ -2,11 +2,180 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 from gradcal_jax import _stats
+from gradcal_jax import _tree
+
+_VANISHING_BELOW = 1e-7
+_EXPLODING_ABOVE = 1e3
+
+
+@_stats.register_state(
+    "monitor",
+    fields=("count", "norm", "leaf_norms", "max_abs", "nonfinite",
+            "vanishing", "exploding"))
+class MonitorState(NamedTuple):
+  """What :func:`monitor` saw in the last gradient it passed through.
+
+  Every field exists from ``init`` on (zeros), so the state's structure never
+  changes and a ``lax.scan`` training loop can carry it.
+
+  Attributes:
+    count: number of updates seen (int32).
+    norm: global L2 norm of the last gradient (float32).
+    leaf_norms: a pytree shaped like the gradient holding each leaf's L2 norm
+      (float32 scalars; ``None`` for integer and empty leaves).
+    max_abs: largest absolute entry of the last gradient (float32; NaN if it
+      held a NaN).
+    nonfinite: number of NaN or infinite entries in the last gradient (int32).
+    vanishing: number of floating leaves whose norm is below
+      ``vanishing_below`` (int32).
+    exploding: number of floating leaves whose norm is above
+      ``exploding_above``, an infinite norm included (int32).
+    vanishing_below: the threshold used (float32), kept for :func:`report`.
+    exploding_above: the threshold used (float32), kept for :func:`report`.
+  """
+  count: jax.Array
+  norm: jax.Array
+  leaf_norms: Any
+  max_abs: jax.Array
+  nonfinite: jax.Array
+  vanishing: jax.Array
+  exploding: jax.Array
+  vanishing_below: jax.Array
+  exploding_above: jax.Array
+
+
+def _check_thresholds(vanishing_below: Any, exploding_above: Any) -> None:
+  _tree.check_number("vanishing_below", vanishing_below, low=0.0)
+  _tree.check_number("exploding_above", exploding_above, low=0.0)
+  concrete = not any(isinstance(v, jax.core.Tracer)
+                     for v in (vanishing_below, exploding_above))
+  if concrete and not float(vanishing_below) < float(exploding_above):
+    raise ValueError(
+        "vanishing_below must be smaller than exploding_above, got "
+        f"vanishing_below={vanishing_below!r} and "
+        f"exploding_above={exploding_above!r}.")
+
+
+def _is_gradient(x: Any) -> bool:
+  # Integer leaves (step counters) and empty leaves can neither vanish nor
+  # explode: they get no norm, so they are never flagged.
+  return _tree.is_float(x) and x.size > 0
+
+
+def _max_abs(tree: Any) -> jax.Array:
+  maxima = [jnp.max(jnp.abs(x), initial=0).astype(_tree.FLOAT32)
+            for x in _tree.float_leaves(tree)]
+  if not maxima:
+    return jnp.zeros((), _tree.FLOAT32)
+  return jnp.max(jnp.stack(maxima))
+
+
+def monitor(
+    vanishing_below: float = _VANISHING_BELOW,
+    exploding_above: float = _EXPLODING_ABOVE,
+) -> optax.GradientTransformation:
+  r"""Records the health of each gradient and passes it through unchanged.
+
+  For a gradient :math:`g` with leaves :math:`g_l` it records the global norm
+  :math:`\|g\|_2`, each leaf's norm :math:`\|g_l\|_2` (all in float32), the
+  largest entry :math:`\max |g|`, the number of non-finite entries, and how
+  many leaves have :math:`\|g_l\|_2 <` ``vanishing_below`` (vanishing) or
+  :math:`\|g_l\|_2 >` ``exploding_above`` (exploding). The updates returned
+  are the very objects received: put it anywhere in an ``optax.chain`` to see
+  the gradient at that point, read it with :func:`stats` (for a logger) or
+  :func:`report` (for a person).
+
+  Unlike ``optax.monitor``, the state holds every statistic from ``init`` on,
+  so it can be carried by ``lax.scan`` and checkpointed.
+
+  Args:
+    vanishing_below: a leaf whose L2 norm is below this (>= 0) counts as
+      vanishing.
+    exploding_above: a leaf whose L2 norm is above this (> vanishing_below)
+      counts as exploding.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`MonitorState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, gradcal_jax as gc
+    >>> tx = optax.chain(gc.monitor(), optax.sgd(0.1))
+    >>> grads = {"b": jnp.zeros(2), "w": jnp.array([3.0, 4.0])}
+    >>> _, state = tx.update(grads, tx.init(grads))
+    >>> s = gc.stats(state)
+    >>> float(s["monitor/norm"]), float(s["monitor/leaf_norms/w"])
+    (5.0, 5.0)
+    >>> int(s["monitor/vanishing"])
+    1
+
+  References:
+    Bengio, Simard and Frasconi, "Learning long-term dependencies with
+    gradient descent is difficult", IEEE Trans. Neural Networks, 1994.
+    Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
+    neural networks", ICML 2013.
+  """
+  _check_thresholds(vanishing_below, exploding_above)
+
+  def thresholds() -> tuple[jax.Array, jax.Array]:
+    return (jnp.asarray(vanishing_below, _tree.FLOAT32),
+            jnp.asarray(exploding_above, _tree.FLOAT32))
+
+  def init_fn(params: Any) -> MonitorState:
+    low, high = thresholds()
+    zero_f = jnp.zeros((), _tree.FLOAT32)
+    zero_i = jnp.zeros((), jnp.int32)
+    return MonitorState(
+        count=zero_i, norm=zero_f,
+        leaf_norms=jax.tree.map(
+            lambda x: zero_f if _is_gradient(x) else None, params),
+        max_abs=zero_f, nonfinite=zero_i, vanishing=zero_i, exploding=zero_i,
+        vanishing_below=low, exploding_above=high)
+
+  def update_fn(
+      updates: Any, state: MonitorState, params: Any = None
+  ) -> tuple[Any, MonitorState]:
+    del params
+    low, high = thresholds()
+    leaf_norms = jax.tree.map(
+        lambda x: _tree.leaf_norm(x) if _is_gradient(x) else None, updates)
+    norms = jax.tree.leaves(leaf_norms)
+    norms = jnp.stack(norms) if norms else jnp.zeros((0,), _tree.FLOAT32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(norms)))
+    # A finite global norm proves every entry finite: skip the count then.
+    nonfinite = jax.lax.cond(
+        jnp.isfinite(norm),
+        lambda: jnp.zeros((), jnp.int32),
+        lambda: _tree.count_nonfinite(updates))
+    new_state = MonitorState(
+        count=optax.safe_int32_increment(state.count),
+        norm=norm,
+        leaf_norms=leaf_norms,
+        max_abs=_max_abs(updates),
+        nonfinite=nonfinite,
+        vanishing=jnp.sum(norms < low, dtype=jnp.int32),
+        exploding=jnp.sum(norms > high, dtype=jnp.int32),
+        vanishing_below=low,
+        exploding_above=high)
+    return updates, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _optax_state(x: Any) -> Any:
+  # A Flax NNX Optimizer (or anything holding `tx` and `opt_state`) is read
+  # through its optax state.
+  if hasattr(x, "tx") and hasattr(x, "opt_state"):
+    return x.opt_state
+  return x
 
 
 def stats(opt_state: Any) -> dict[str, jax.Array]:
@@ -18,9 +187,11 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   arrays with stable keys ``"<transform>/<field>"``. A transform used twice
   gets distinct keys (``clip_by_global_norm/norm``, ``clip_by_global_norm_1/norm``);
   a per-layer field gives one key per layer (``monitor/leaf_norms/dense/kernel``).
+  It works inside ``jax.jit`` too, so a training step can return the dict.
 
   Args:
-    opt_state: an optax state, or anything containing one.
+    opt_state: an optax state, anything containing one, or a Flax NNX
+      ``Optimizer``.
 
   Returns:
     ``dict[str, jax.Array]`` of scalars, in a stable order.
@@ -33,4 +204,201 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     >>> float(gc.stats(state)["clip_by_global_norm/norm"])
     5.0
   """
-  return _stats.collect(opt_state)
+  return _stats.collect(_optax_state(opt_state))
+
+
+# Severity of a row of the report: smaller sorts first.
+_NONFINITE, _EXPLODING, _VANISHING, _OK = range(4)
+_FLAGS = {_NONFINITE: "non-finite", _EXPLODING: "exploding",
+          _VANISHING: "vanishing", _OK: "ok"}
+
+
+def _layer_path(path: tuple[Any, ...]) -> str:
+  # A Flax NNX State ends every path with its Variable's `.value`.
+  text = _stats.path_str(path)
+  return text.removesuffix("/value") if text != "value" else text
+
+
+def _rows(norms: list[tuple[str, str, float]], low: float,
+          high: float) -> list[tuple[str, str, float, str]]:
+  """Sorts ``(path, shape, norm)`` worst first and adds the flag."""
+  keyed = []
+  for i, (path, shape, norm) in enumerate(norms):
+    if not math.isfinite(norm):
+      key = (_NONFINITE, 0.0, i)
+    elif norm > high:
+      key = (_EXPLODING, -norm / high if high > 0 else -math.inf, i)
+    elif norm < low:
+      key = (_VANISHING, -low / norm if norm > 0 else -math.inf, i)
+    else:
+      key = (_OK, 0.0, i)
+    keyed.append((key, (path, shape, norm, _FLAGS[key[0]])))
+  return [row for _, row in sorted(keyed, key=lambda kv: kv[0])]
+
+
+def _table(title: str, summary: list[str],
+           rows: list[tuple[str, str, float, str]]) -> list[str]:
+  headers = ("layer", "shape", "norm", "flag")
+  cells = [(p, s, f"{n:.3e}", f) for p, s, n, f in rows]
+  show_shape = any(s for _, s, _, _ in rows)
+  columns = [0, 1, 2, 3] if show_shape else [0, 2, 3]
+  widths = {c: max([len(headers[c])] + [len(r[c]) for r in cells])
+            for c in columns}
+
+  def line(values: tuple[str, ...]) -> str:
+    parts = [values[c].rjust(widths[c]) if c == 2 else values[c].ljust(widths[c])
+             for c in columns]
+    return "  ".join(parts).rstrip()
+
+  out = [title, *summary, line(headers),
+         line(tuple("-" * widths.get(c, 0) for c in range(4)))]
+  out.extend(line(r) for r in cells)
+  if not rows:
+    out.append("(no floating-point leaves)")
+  return out
+
+
+def _counts_line(rows: list[tuple[str, str, float, str]]) -> str:
+  counts = {flag: sum(r[3] == flag for r in rows) for flag in _FLAGS.values()}
+  return ("layers: " + ", ".join(f"{counts[f]} {f}" for f in _FLAGS.values()))
+
+
+@jax.jit
+def _gradient_summary(
+    leaves: list[jax.Array]
+) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
+  # One compiled call rather than a few eager operations per leaf.
+  return ([_tree.leaf_norm(x) for x in leaves], _tree.global_norm(leaves),
+          _max_abs(leaves), _tree.count_nonfinite(leaves))
+
+
+def _report_grads(grads: Any, low: float, high: float) -> list[str]:
+  leaves = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(grads)[0]
+            if _is_gradient(x)]
+  leaf_norms, norm, max_abs, nonfinite = jax.device_get(
+      _gradient_summary([x for _, x in leaves]))
+  norms = [(_layer_path(p), str(tuple(x.shape)), float(n))
+           for (p, x), n in zip(leaves, leaf_norms)]
+  rows = _rows(norms, low, high)
+  summary = [
+      f"global norm {float(norm):.3e}, max |entry| {float(max_abs):.3e}, "
+      f"non-finite entries {int(nonfinite)}",
+      _counts_line(rows) + f" (vanishing < {low:.1e}, exploding > {high:.1e})",
+  ]
+  return _table("gradient", summary, rows)
+
+
+def _report_monitor(prefix: str, state: MonitorState, low: float | None,
+                    high: float | None) -> list[str]:
+  low = float(state.vanishing_below) if low is None else low
+  high = float(state.exploding_above) if high is None else high
+  norms = [(_layer_path(p), "", float(n)) for p, n in
+           jax.tree_util.tree_flatten_with_path(state.leaf_norms)[0]]
+  rows = _rows(norms, low, high)
+  summary = [
+      f"step {int(state.count)}: global norm {float(state.norm):.3e}, "
+      f"max |entry| {float(state.max_abs):.3e}, "
+      f"non-finite entries {int(state.nonfinite)}",
+      _counts_line(rows) + f" (vanishing < {low:.1e}, exploding > {high:.1e})",
+  ]
+  return _table(prefix, summary, rows)
+
+
+def _is_optimizer_state(tree: Any) -> bool:
+  """True when ``tree`` holds an optax or gradcal state rather than gradients."""
+  def is_state(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+  for x in jax.tree.leaves(tree, is_leaf=is_state):
+    module = type(x).__module__
+    if is_state(x) and not isinstance(x, optax.MaskedNode) and (
+        module.startswith(("optax", "gradcal_jax"))):
+      return True
+  return False
+
+
+def report(
+    opt_state_or_grads: Any,
+    *,
+    vanishing_below: float | None = None,
+    exploding_above: float | None = None,
+) -> str:
+  """A table a person reads: each layer's gradient norm, worst layers first.
+
+  Given an optax state (or a Flax NNX optimizer's ``opt_state``) that contains
+  :func:`monitor` states, it prints one table per monitor from the per-layer
+  norms it recorded at the last step. Given a gradient pytree (a dict, or the
+  ``nnx.State`` that ``nnx.grad`` returns), it computes the norms itself and
+  also shows each layer's shape. Each row is flagged ``non-finite`` (NaN or
+  infinite norm), ``exploding`` (norm > ``exploding_above``), ``vanishing``
+  (norm < ``vanishing_below``) or ``ok``; rows are sorted in that order, and
+  within a flag the farthest from its threshold first. The statistics of the
+  other gradcal states inside an optax state (clipping norms and scales, ...)
+  follow in a last section, as :func:`stats` returns them.
+
+  It reads concrete values: call it outside ``jax.jit``.
+
+  Args:
+    opt_state_or_grads: an optax state containing monitor states (or a Flax
+      NNX ``Optimizer``), or gradients.
+    vanishing_below: the vanishing threshold; default: each monitor's own, or
+      1e-7 for gradients.
+    exploding_above: the exploding threshold; default: each monitor's own, or
+      1e3 for gradients.
+
+  Returns:
+    The report as a multi-line string.
+
+  Example:
+    >>> import jax.numpy as jnp, gradcal_jax as gc
+    >>> grads = {"a": jnp.zeros(3), "b": jnp.full((2, 2), 1e4)}
+    >>> print(gc.report(grads))  # doctest: +NORMALIZE_WHITESPACE
+    gradient
+    global norm 2.000e+04, max |entry| 1.000e+04, non-finite entries 0
+    layers: 0 non-finite, 1 exploding, 1 vanishing, 0 ok (vanishing < 1.0e-07, exploding > 1.0e+03)
+    layer  shape   norm       flag
+    -----  ------  ---------  ---------
+    b      (2, 2)  2.000e+04  exploding
+    a      (3,)    0.000e+00  vanishing
+  """
+  _check_thresholds(
+      _VANISHING_BELOW if vanishing_below is None else vanishing_below,
+      _EXPLODING_ABOVE if exploding_above is None else exploding_above)
+  tree = _optax_state(opt_state_or_grads)
+  if not _is_optimizer_state(tree):
+    low = _VANISHING_BELOW if vanishing_below is None else vanishing_below
+    high = _EXPLODING_ABOVE if exploding_above is None else exploding_above
+    return "\n".join(_report_grads(tree, float(low), float(high)))
+
+  sections: list[list[str]] = []
+  monitors: set[str] = set()
+  seen: dict[str, int] = {}
+  # The same walk and numbering as `stats`, so titles match its key prefixes.
+  for name, _, state in _stats._walk(tree):
+    count = seen.get(name, 0)
+    seen[name] = count + 1
+    if isinstance(state, MonitorState):
+      prefix = name if count == 0 else f"{name}_{count}"
+      monitors.add(prefix)
+      state = jax.tree.map(_stats._unwrap, state,
+                           is_leaf=lambda x: _stats._unwrap(x) is not x)
+      sections.append(_report_monitor(
+          prefix, state, vanishing_below, exploding_above))
+  if not sections:
+    sections.append(["no monitor in this state: add gradcal_jax.monitor() to "
+                     "the chain to see per-layer gradient norms"])
+  others = [f"{key} = {_format(value)}"
+            for key, value in stats(tree).items()
+            if key.split("/", 1)[0] not in monitors]
+  if others:
+    sections.append(["other statistics", *others])
+  return "\n\n".join("\n".join(s) for s in sections)
+
+
+def _format(value: Any) -> str:
+  value = np.asarray(value)
+  if value.ndim:
+    return str(value.tolist())
+  if np.issubdtype(value.dtype, np.integer):
+    return str(int(value))
+  return f"{float(value):.4g}"

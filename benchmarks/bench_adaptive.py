@@ -1,0 +1,47 @@
+"""Benchmark rows for the adaptive family: autoclip, zclip, skip_spikes.
+
+``autoclip`` and ``zclip`` read the gradient once for the norm and once to
+scale it, like ``optax.clip_by_global_norm``; on top of that autoclip sorts its
+1000-long history (a few microseconds) and zclip updates a few scalars.
+``skip_spikes(adam)`` is timed on an accepted step (Adam runs inside a
+``lax.cond``) against plain Adam, and on a skipped step (a NaN gradient: only
+the zero updates are written) in a row of its own.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import _harness
+import gradcal_jax as gc
+
+
+def _skipped_step_time(tx: optax.GradientTransformation, grads) -> float:
+  nan_grads = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), grads)
+  return _harness.time_update(tx, nan_grads, grads)
+
+
+def rows(sizes: list[int]) -> list[_harness.Row]:
+  out = []
+  for size in sizes:
+    grads = _harness.make_tree(size)
+    floor = _harness.time_floor(grads)
+    clip = optax.clip_by_global_norm(1.0)
+    out.append(_harness.compare(
+        "autoclip", gc.autoclip(10.0, 1000), "clip_by_global_norm", clip, grads,
+        floor=floor, note="percentile=10, history=1000"))
+    out.append(_harness.compare(
+        "zclip", gc.zclip(), "clip_by_global_norm", clip, grads, floor=floor))
+    adam = optax.adam(1e-3)
+    ours = gc.skip_spikes(optax.adam(1e-3))
+    out.append(_harness.compare(
+        "skip_spikes(adam) accepted", ours, "adam", adam, grads, params=grads,
+        floor=floor))
+    skipped = _skipped_step_time(ours, grads)
+    out.append(_harness.Row(
+        "skip_spikes(adam) skipped", _harness.entries(grads), skipped, "adam",
+        _harness.time_update(adam, grads, grads), floor,
+        "NaN step: zeros out, Adam state passed through"))
+  return out

@@ -1,0 +1,138 @@
+"""Benchmark rows for gradient checking.
+
+``check_gradients`` on a float32 MLP of about 1M parameters in 8 and in 100
+leaves, against ``jax.test_util.check_grads(order=1, modes=["rev"])`` on the
+same loss in the same run (target: at most 5x its time while checking every
+leaf separately; ``check_grads`` checks one direction over all parameters at
+once and cannot name a leaf). Times are warm: the check is compiled once per
+function and shapes and reused with a new key; the compile time is in the note.
+
+Then the cost of ``gradient_check`` on a step where it does not check, inside a
+Flax NNX training step (target: at most 1% over the same step without it).
+
+Evaluations of ``fn`` per check: 1 forward (inside the gradient), plus per leaf
+``num_directions`` forward-mode products and ``4 * num_directions + 1`` values
+in one batched call: ``1 + leaves * (5 * num_directions + 1)``, independent of
+the number of parameters (``check_grads``: 3 evaluations and 1 backward pass).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.test_util  # noqa: F401  (check_grads, the reference)
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import _harness
+import gradcal_jax as gc
+
+BATCH = 8
+
+
+def _mlp_params(widths: list[int], seed: int = 0) -> list[dict[str, jax.Array]]:
+  rng = np.random.default_rng(seed)
+  return [{"kernel": jnp.asarray(rng.standard_normal((a, b)) / np.sqrt(a), jnp.float32),
+           "bias": jnp.asarray(0.1 * rng.standard_normal(b), jnp.float32)}
+          for a, b in zip(widths[:-1], widths[1:])]
+
+
+def _loss(params, x):
+  h = x
+  for layer in params[:-1]:
+    h = jnp.tanh(h @ layer["kernel"] + layer["bias"])
+  return jnp.mean((h @ params[-1]["kernel"] + params[-1]["bias"]) ** 2)
+
+
+def _check_grads(loss, params, x) -> None:
+  try:
+    jax.test_util.check_grads(lambda p: loss(p, x), (params,), order=1, modes=["rev"])
+  except AssertionError:
+    pass  # its fixed tolerances may flag float32 rounding; we time it either way
+
+
+def _check_rows(name: str, widths: list[int]) -> list[_harness.Row]:
+  params = _mlp_params(widths)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((BATCH, widths[0])),
+                  jnp.float32)
+  leaves = len(jax.tree.leaves(params))
+  loss = jax.jit(_loss)
+  reference = _harness.time_fn(_check_grads, loss, params, x, repeats=7, warmup=2)
+  floor = _harness.time_floor(params)
+  rows = []
+  for precision in ("input", "float64"):
+    start = time.perf_counter()
+    gc.check_gradients(_loss, params, x, precision=precision)
+    cold = time.perf_counter() - start
+    keys = iter(jax.random.split(jax.random.key(0), 100))
+    ours = _harness.time_fn(
+        lambda: gc.check_gradients(_loss, params, x, key=next(keys), precision=precision),
+        repeats=7, warmup=1)
+    evals = 1 + leaves * (5 * 2 + 1)
+    rows.append(_harness.Row(
+        f"check_gradients {name} ({precision})", _harness.entries(params), ours,
+        "jax check_grads(rev)", reference, floor,
+        note=f"{leaves} leaves x 2 directions, {evals} fn evaluations; "
+             f"first call {cold:.1f} s with compile"))
+  return rows
+
+
+class _MLP(nnx.Module):
+  def __init__(self, widths: list[int], rngs: nnx.Rngs):
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs)
+                            for a, b in zip(widths[:-1], widths[1:])])
+
+  def __call__(self, x):
+    for layer in self.layers[:-1]:
+      x = jax.nn.relu(layer(x))
+    return self.layers[-1](x)
+
+
+def _train_step_row(widths: list[int]) -> _harness.Row:
+  model = _MLP(widths, nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((64, widths[0])), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((64, widths[-1])), jnp.float32)
+
+  def loss(p):
+    return jnp.mean((nnx.merge(graphdef, p)(x) - y) ** 2)
+
+  def make_step(tx):
+    @jax.jit
+    def step(p, state):
+      grads = jax.grad(loss)(p)
+      updates, state = tx.update(grads, state, p, value_fn=loss)
+      return optax.apply_updates(p, updates), state
+    return step
+
+  checked = optax.chain(gc.gradient_check(every_k=1000), optax.adam(1e-3))
+  plain = optax.chain(optax.identity(), optax.adam(1e-3))
+  step_checked, step_plain = make_step(checked), make_step(plain)
+  # One step in, so the timed calls (which all restart from this state) are
+  # off-schedule: count = 1.
+  _, state_checked = step_checked(params, checked.init(params))
+  _, state_plain = step_plain(params, plain.init(params))
+  ours, ref = [], []
+  for _ in range(5):  # interleaved, so load changes hit both alike
+    ours.append(_harness.time_fn(step_checked, params, state_checked, repeats=20))
+    ref.append(_harness.time_fn(step_plain, params, state_plain, repeats=20))
+  return _harness.Row(
+      "gradient_check off-step (Flax MLP train step)", _harness.entries(params),
+      float(np.median(ours)), "same step, no check", float(np.median(ref)),
+      _harness.time_floor(params), note="lax.cond skips the check; target ratio <= 1.01")
+
+
+def rows(sizes: list[int]) -> list[_harness.Row]:
+  del sizes  # the issue fixes the model: about 1M parameters
+  out = _check_rows("8 leaves", [512, 1024, 384, 256, 1])
+  out += _check_rows("100 leaves", [140] * 50 + [1])
+  out.append(_train_step_row([256, 1024, 512, 256, 10]))
+  return out
+
+
+if __name__ == "__main__":
+  print(_harness.table(rows([])))

@@ -1,0 +1,557 @@
+"""Gradient clipping (value, global, layer, unit-wise), centralization, weight clipping.
+
+Every norm is accumulated in float32 whatever the gradient's dtype, every
+output leaf keeps its dtype, and a non-finite gradient is never scaled into a
+plausible update: its norm is reported as it is and the scale stays 1, so the
+``inf`` / ``nan`` reaches the output where a guard or the user can see it.
+Kernels follow Flax's layout, output units on the last axis: Dense
+``(in, out)``, Conv ``(*spatial, in, out)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradcal_jax import _stats
+from gradcal_jax import _tree
+
+FLOAT32 = jnp.float32
+
+Axes = Union[int, tuple[int, ...], None]
+UnitAxes = Union[Any, Callable[[tuple[Any, ...], jax.Array], Axes], None]
+
+
+def _fraction(count: jax.Array, total: int) -> jax.Array:
+  """``count / total`` as float32, 0 for an empty tree."""
+  return (jnp.asarray(count, FLOAT32) / max(total, 1)).astype(FLOAT32)
+
+
+def _sum(values: list[jax.Array], dtype: Any) -> jax.Array:
+  return sum(values) if values else jnp.zeros((), dtype)
+
+
+# ----------------------------------------------------------------- by value
+
+
+@_stats.register_state("clip_by_value", fields=("norm", "clipped_fraction"))
+class ClipByValueState(NamedTuple):
+  """State of :func:`clip_by_value`.
+
+  Attributes:
+    norm: float32 global L2 norm of the gradient before clipping.
+    clipped_fraction: float32 fraction of the floating entries with
+      ``|g| > max_abs`` at the last update (0 at ``init``); an ``inf`` entry
+      counts, a ``nan`` entry makes it ``nan``.
+  """
+  norm: jax.Array
+  clipped_fraction: jax.Array
+
+
+def _count_above(x: jax.Array, bound: jax.Array) -> jax.Array:
+  """The number of entries with ``|x| > bound`` (``inf`` counts, ``nan`` poisons).
+
+  Written as ``sum(sign(max(|x| - bound, 0)))`` rather than a sum of a boolean
+  mask, and with ``bound`` behind an optimization barrier: XLA:CPU then fuses
+  the count into one read of ``x``. A mask, or a ``bound`` constant shared with
+  the clamp, makes it write a full-size temporary, which costs more than the
+  clamp itself.
+  """
+  bound = jax.lax.optimization_barrier(bound)
+  excess = jnp.maximum(jnp.abs(x.astype(FLOAT32)) - bound, 0.0)
+  return jnp.sum(jnp.sign(excess))
+
+
+def clip_by_value(max_abs: float) -> optax.GradientTransformation:
+  """Clamps every entry of the gradient to ``[-max_abs, max_abs]``.
+
+  .. math::
+    g_j \\leftarrow \\min(\\max(g_j, -c), c), \\qquad c = \\text{max\\_abs}.
+
+  Non-finite entries are left as they are (an ``inf`` clamped to ``max_abs``
+  would look like an ordinary large gradient); they also make the state's
+  ``norm`` non-finite. The clamp is computed in float32 and cast back, so a
+  bfloat16 gradient stays bfloat16. The statistics cost one more read of the
+  gradient than ``optax.clip``.
+
+  Args:
+    max_abs: the largest absolute value an entry may keep, ``>= 0``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is :class:`ClipByValueState`.
+
+  Example:
+    >>> import jax.numpy as jnp, gradcal_jax as gc
+    >>> tx = gc.clip_by_value(1.0)
+    >>> g = {"w": jnp.array([-3.0, 0.5, 2.0, 0.0])}
+    >>> u, s = tx.update(g, tx.init(g))
+    >>> print(u["w"], float(s.clipped_fraction))
+    [-1.   0.5  1.   0. ] 0.5
+
+  References:
+    Mikolov, `Statistical Language Models Based on Neural Networks
+    <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012
+    (section 3.3.3, gradient clipping by value).
+  """
+  _tree.check_number("max_abs", max_abs, low=0.0)
+
+  def init_fn(params: Any) -> ClipByValueState:
+    del params
+    return ClipByValueState(
+        norm=jnp.zeros((), FLOAT32), clipped_fraction=jnp.zeros((), FLOAT32))
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    bound = jnp.asarray(max_abs, FLOAT32)
+
+    def clamp(x):
+      x32 = x.astype(FLOAT32)
+      clamped = jnp.where(
+          jnp.isfinite(x32), jnp.clip(x32, -bound, bound), x32)
+      return clamped.astype(x.dtype)
+
+    counts = [_count_above(x, bound) for x in _tree.float_leaves(updates)]
+    new_state = ClipByValueState(
+        norm=_tree.global_norm(updates),
+        clipped_fraction=_fraction(_sum(counts, FLOAT32), _tree.size(updates)))
+    return _tree.map_float(clamp, updates), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ------------------------------------------------------------- global norm
+
+
+@_stats.register_state("clip_by_global_norm", fields=("norm", "scale"))
+class ClipByGlobalNormState(NamedTuple):
+  """State of :func:`clip_by_global_norm`.
+
+  Attributes:
+    norm: float32 global L2 norm of the gradient before clipping (``inf`` or
+      ``nan`` when the gradient has such an entry).
+    scale: float32 factor applied to the gradient, in ``[0, 1]`` (1 at
+      ``init``, and 1 when the norm is not finite).
+  """
+  norm: jax.Array
+  scale: jax.Array
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Rescales the gradient so that its global L2 norm is at most ``max_norm``.
+
+  .. math::
+    g \\leftarrow g \\cdot \\min\\left(1, \\frac{c}{\\lVert g \\rVert_2}\\right),
+    \\qquad \\lVert g \\rVert_2 = \\sqrt{\\textstyle\\sum_{\\text{leaves}}
+    \\sum_j g_j^2}, \\quad c = \\text{max\\_norm}.
+
+  Unlike ``optax.clip_by_global_norm`` (0.2.8): the norm is accumulated in
+  float32, so a float16 gradient whose norm exceeds 65504 is scaled down
+  instead of zeroed; ``max_norm = 0`` with a zero gradient gives zeros, not
+  ``nan``; and a gradient with an ``inf`` entry is passed through unscaled
+  (its norm, ``inf``, is in the state) instead of having every finite entry
+  set to zero. The cost is one read of the gradient for the norm and one
+  read and write for the scale.
+
+  Args:
+    max_norm: the largest global norm the output may have, ``>= 0``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is
+    :class:`ClipByGlobalNormState`.
+
+  Example:
+    >>> import jax.numpy as jnp, gradcal_jax as gc
+    >>> tx = gc.clip_by_global_norm(1.0)
+    >>> g = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+    >>> u, s = tx.update(g, tx.init(g))
+    >>> print(u["a"], u["b"], s.norm, s.scale)
+    [0.6] [0.8] 5.0 0.2
+
+  References:
+    Pascanu et al., `On the difficulty of training Recurrent Neural Networks
+    <https://arxiv.org/abs/1211.5063>`_, 2013
+  """
+  _tree.check_number("max_norm", max_norm, low=0.0)
+
+  def init_fn(params: Any) -> ClipByGlobalNormState:
+    del params
+    return ClipByGlobalNormState(
+        norm=jnp.zeros((), FLOAT32), scale=jnp.ones((), FLOAT32))
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    norm = _tree.global_norm(updates)
+    scale = _tree.clip_scale(norm, max_norm)
+    return (_tree.scale_tree(updates, scale),
+            ClipByGlobalNormState(norm=norm, scale=scale))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# -------------------------------------------------------------- layer norm
+
+
+@_stats.register_state("clip_by_layer_norm", fields=("norm", "scale"))
+class ClipByLayerNormState(NamedTuple):
+  """State of :func:`clip_by_layer_norm`.
+
+  Both fields are pytrees shaped like the gradient, one float32 scalar per
+  leaf (non-floating leaves get norm 0 and scale 1), so ``stats`` logs one
+  value per layer.
+
+  Attributes:
+    norm: each leaf's float32 L2 norm before clipping.
+    scale: the float32 factor applied to each leaf, in ``[0, 1]``.
+  """
+  norm: Any
+  scale: Any
+
+
+def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
+  """Rescales each leaf of the gradient so that its L2 norm is at most ``max_norm``.
+
+  .. math::
+    g^{(l)} \\leftarrow g^{(l)} \\cdot
+    \\min\\left(1, \\frac{c}{\\lVert g^{(l)} \\rVert_2}\\right)
+    \\quad \\text{for every leaf } l, \\qquad c = \\text{max\\_norm}.
+
+  Each leaf is treated as :func:`clip_by_global_norm` treats the whole tree:
+  float32 norms, no ``nan`` for a zero threshold, and a leaf with a
+  non-finite entry is passed through unscaled.
+
+  Args:
+    max_norm: the largest L2 norm each leaf may have, ``>= 0``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is
+    :class:`ClipByLayerNormState`.
+
+  Example:
+    >>> import jax.numpy as jnp, gradcal_jax as gc
+    >>> tx = gc.clip_by_layer_norm(1.0)
+    >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}
+    >>> u, s = tx.update(g, tx.init(g))
+    >>> print(u["a"], u["b"], float(s.norm["a"]), float(s.scale["b"]))
+    [0.6 0.8] [0.5] 5.0 1.0
+
+  References:
+    You et al., `Large Batch Training of Convolutional Networks
+    <https://arxiv.org/abs/1708.03888>`_, 2017 (per-layer gradient scaling).
+  """
+  _tree.check_number("max_norm", max_norm, low=0.0)
+
+  def init_fn(params: Any) -> ClipByLayerNormState:
+    return ClipByLayerNormState(
+        norm=jax.tree.map(lambda _: jnp.zeros((), FLOAT32), params),
+        scale=jax.tree.map(lambda _: jnp.ones((), FLOAT32), params))
+
+  def update_fn(updates, state, params=None):
+    del state, params
+    norms = _tree.leaf_norms(updates)
+    scales = jax.tree.map(lambda n: _tree.clip_scale(n, max_norm), norms)
+    updates = _tree.map_float(_tree.scale_leaf, updates, scales)
+    return updates, ClipByLayerNormState(norm=norms, scale=scales)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------- AGC
+
+
+@_stats.register_state(
+    "adaptive_grad_clip", fields=("clipped_fraction", "max_ratio"))
+class AdaptiveGradClipState(NamedTuple):
+  """State of :func:`adaptive_grad_clip`.
+
+  Attributes:
+    clipped_fraction: float32 fraction of the output units (over every
+      floating leaf) whose gradient was rescaled at the last update.
+    max_ratio: float32 largest ``||G_i|| / max(||W_i||, eps)`` over all units
+      before clipping; clipping happens where it exceeds ``clipping``.
+  """
+  clipped_fraction: jax.Array
+  max_ratio: jax.Array
+
+
+def _is_axes(x: Any) -> bool:
+  return x is None or isinstance(x, int) or (
+      isinstance(x, (tuple, list)) and all(isinstance(a, int) for a in x))
+
+
+def _reduce_axes(axes: Axes, ndim: int, where: str) -> tuple[int, ...]:
+  """The sorted, non-negative axes a unit spans; Flax's default for ``None``."""
+  if axes is None:
+    return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
+  if isinstance(axes, int):
+    axes = (axes,)
+  if not _is_axes(axes) or any(not -ndim <= a < ndim for a in axes):
+    raise ValueError(
+        f"unit_axes for {where} must be None or a tuple of axes in "
+        f"[-{ndim}, {ndim}) for a leaf of rank {ndim}, got {axes!r}.")
+  return tuple(sorted({a % ndim for a in axes}))
+
+
+def _axes_getter(unit_axes: UnitAxes) -> Callable[[tuple[Any, ...], jax.Array], Axes]:
+  """A function ``(path, leaf) -> axes`` for each form of ``unit_axes``."""
+  if unit_axes is None:
+    return lambda path, leaf: None
+  if callable(unit_axes):
+    return unit_axes
+  flat = jax.tree_util.tree_flatten_with_path(unit_axes, is_leaf=_is_axes)[0]
+  bad = [(p, a) for p, a in flat if not _is_axes(a)]
+  if bad:
+    raise ValueError(
+        "unit_axes must be None, a callable (path, leaf) -> axes, or a pytree "
+        "like the params whose leaves are None or tuples of ints; got "
+        f"{bad[0][1]!r} at {_stats.path_str(bad[0][0])!r}.")
+  table = {_stats.path_str(p): a for p, a in flat}
+
+  def lookup(path, leaf):
+    del leaf
+    key = _stats.path_str(path)
+    if key not in table:
+      raise ValueError(
+          f"unit_axes has no entry for the parameter {key!r}; give it None "
+          "for the default (every axis but the last).")
+    return table[key]
+
+  return lookup
+
+
+def adaptive_grad_clip(
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+    unit_axes: UnitAxes = None,
+) -> optax.GradientTransformation:
+  """Unit-wise adaptive gradient clipping (AGC), for Flax's kernel layout.
+
+  For every output unit ``i`` of a parameter ``W`` with gradient ``G``:
+
+  .. math::
+    G_i \\leftarrow \\begin{cases}
+      \\lambda \\dfrac{W^\\star_i}{\\lVert G_i \\rVert} G_i &
+        \\text{if } \\dfrac{\\lVert G_i \\rVert}{W^\\star_i} > \\lambda \\\\
+      G_i & \\text{otherwise}
+    \\end{cases},
+    \\qquad W^\\star_i = \\max(\\lVert W_i \\rVert, \\epsilon),
+
+  with Frobenius norms in float32 and :math:`\\lambda` = ``clipping``. A unit
+  is the slice along every axis but the last for a leaf of rank >= 2 (Dense
+  ``(in, out)``, Conv1D ``(w, in, out)``, Conv2D ``(h, w, in, out)``, Conv3D),
+  and the whole leaf for rank <= 1. ``optax.adaptive_grad_clip`` reduces only
+  axis 0 of a rank-3 leaf, which mixes the units of a Flax Conv1D kernel. A
+  unit with a non-finite gradient norm is left unscaled.
+
+  Args:
+    clipping: the largest allowed ratio :math:`\\lambda` of a unit's gradient
+      norm to its parameter norm, ``>= 0``.
+    eps: the smallest parameter norm used, ``> 0``, so that zero-initialised
+      units (biases) can still move.
+    unit_axes: which axes one unit spans, overriding the default per leaf:
+      either a pytree like the params whose leaves are tuples of axes (or
+      ``None`` for the default), matched by path, or a callable
+      ``(path, leaf) -> axes or None`` with ``path`` a ``jax.tree_util`` key
+      path.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is
+    :class:`AdaptiveGradClipState`; ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, gradcal_jax as gc
+    >>> tx = gc.adaptive_grad_clip(clipping=0.1)
+    >>> w = {"kernel": jnp.array([[1.0, 1.0], [0.0, 1.0]])}
+    >>> g = {"kernel": jnp.array([[1.0, 0.01], [0.0, 0.0]])}
+    >>> u, s = tx.update(g, tx.init(w), w)
+    >>> print(u["kernel"], float(s.clipped_fraction))
+    [[0.1  0.01]
+     [0.   0.  ]] 0.5
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
+  """
+  _tree.check_number("clipping", clipping, low=0.0)
+  _tree.check_number("eps", eps, low=0.0, low_open=True)
+  get_axes = _axes_getter(unit_axes)
+
+  def init_fn(params: Any) -> AdaptiveGradClipState:
+    del params
+    return AdaptiveGradClipState(
+        clipped_fraction=jnp.zeros((), FLOAT32),
+        max_ratio=jnp.zeros((), FLOAT32))
+
+  def update_fn(updates, state, params=None):
+    del state
+    _tree.require_params("adaptive_grad_clip", params)
+    results = []
+
+    def clip_leaf(path, g, w):
+      if not _tree.is_float(g):
+        return g
+      axes = _reduce_axes(get_axes(path, g), g.ndim, repr(_stats.path_str(path)))
+      g32 = g.astype(FLOAT32)
+      w32 = w.astype(FLOAT32)
+      g_norm = jnp.sqrt(jnp.sum(g32 * g32, axis=axes, keepdims=True))
+      w_norm = jnp.maximum(
+          jnp.sqrt(jnp.sum(w32 * w32, axis=axes, keepdims=True)), eps)
+      scale = _tree.clip_scale(g_norm, clipping * w_norm)
+      units = math.prod(g.shape[d] for d in range(g.ndim) if d not in axes)
+      results.append((jnp.sum(scale < 1.0, dtype=jnp.int32),
+                      jnp.max(g_norm / w_norm, initial=0.0), units))
+      return (g32 * scale).astype(g.dtype)
+
+    updates = jax.tree_util.tree_map_with_path(clip_leaf, updates, params)
+    clipped = _sum([c for c, _, _ in results], jnp.int32)
+    max_ratio = jnp.max(jnp.stack([r for _, r, _ in results])) if results else (
+        jnp.zeros((), FLOAT32))
+    total = sum(n for _, _, n in results)
+    return updates, AdaptiveGradClipState(
+        clipped_fraction=_fraction(clipped, total),
+        max_ratio=max_ratio.astype(FLOAT32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# -------------------------------------------------------------- centralize
+
+
+def _centralize_leaf(g: jax.Array) -> jax.Array:
+  if g.ndim < 2:
+    return g
+  g32 = g.astype(FLOAT32)
+  mean = jnp.mean(g32, axis=tuple(range(g.ndim - 1)), keepdims=True)
+  return (g32 - mean).astype(g.dtype)
+
+
+def centralize() -> optax.GradientTransformation:
+  """Gradient centralization for Flax's layout: zero mean per output unit.
+
+  For every floating leaf of rank >= 2, with output units on the last axis,
+
+  .. math::
+    G_{\\dots, i} \\leftarrow G_{\\dots, i} - \\operatorname{mean}(G_{\\dots, i}),
+
+  the mean taken over every axis but the last, in float32. Leaves of rank
+  <= 1 (biases, scales) are unchanged. ``optax.centralize`` instead keeps the
+  leading axis (PyTorch's ``(out, in, ...)`` layout) and so centres the wrong
+  slices of a Flax kernel. The transform has no statistics worth logging and
+  its state is ``optax.EmptyState()``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with an empty state.
+
+  Example:
+    >>> import jax.numpy as jnp, gradcal_jax as gc
+    >>> tx = gc.centralize()
+    >>> g = {"kernel": jnp.array([[1.0, 2.0], [3.0, 6.0]])}
+    >>> u, _ = tx.update(g, tx.init(g))
+    >>> print(u["kernel"])
+    [[-1. -2.]
+     [ 1.  2.]]
+
+  References:
+    Yong et al., `Gradient Centralization: A New Optimization Technique for
+    Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, 2020
+  """
+
+  def init_fn(params: Any) -> optax.EmptyState:
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    return _tree.map_float(_centralize_leaf, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ------------------------------------------------------------ clip weights
+
+
+@_stats.register_state("clip_weights", fields=("clipped_fraction",))
+class ClipWeightsState(NamedTuple):
+  """State of :func:`clip_weights`.
+
+  Attributes:
+    clipped_fraction: float32 fraction of the floating weights whose update
+      was changed to keep them in range at the last update.
+  """
+  clipped_fraction: jax.Array
+
+
+def _toward(x: jax.Array, direction: float) -> jax.Array:
+  return jnp.nextafter(x, jnp.asarray(direction, x.dtype))
+
+
+def clip_weights(max_abs: float) -> optax.GradientTransformation:
+  """Changes the update so that the new weights lie in ``[-max_abs, max_abs]``.
+
+  .. math::
+    u_j \\leftarrow \\min(\\max(w_j + u_j, -c), c) - w_j,
+    \\qquad c = \\text{max\\_abs},
+
+  applied only where ``w_j + u_j`` is finite and outside the range, so that
+  ``optax.apply_updates(params, updates)`` gives clipped weights, as in
+  WGAN's critic. The difference is computed in float32 and then nudged by one
+  unit in the last place where rounding would land ``w_j + u_j`` just outside
+  the range, so float32 weights stay exactly inside. Put it last in a chain,
+  after the learning rate. A non-finite ``w_j + u_j`` keeps its update
+  unchanged, so it stays visible.
+
+  Args:
+    max_abs: the largest absolute value a weight may take, ``>= 0``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is
+    :class:`ClipWeightsState`; ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, gradcal_jax as gc
+    >>> tx = gc.clip_weights(0.5)
+    >>> w = {"w": jnp.array([0.25, -0.25, 0.0])}
+    >>> u = {"w": jnp.array([0.5, -0.5, 0.125])}
+    >>> u, s = tx.update(u, tx.init(w), w)
+    >>> print(optax.apply_updates(w, u)["w"], round(float(s.clipped_fraction), 3))
+    [ 0.5   -0.5    0.125] 0.667
+
+  References:
+    Arjovsky et al., `Wasserstein GAN <https://arxiv.org/abs/1701.07875>`_,
+    2017
+  """
+  _tree.check_number("max_abs", max_abs, low=0.0)
+
+  def init_fn(params: Any) -> ClipWeightsState:
+    del params
+    return ClipWeightsState(clipped_fraction=jnp.zeros((), FLOAT32))
+
+  def update_fn(updates, state, params=None):
+    del state
+    _tree.require_params("clip_weights", params)
+    bound = jnp.asarray(max_abs, FLOAT32)
+    counts = []
+
+    def clip_leaf(u, w):
+      if not _tree.is_float(u):
+        return u
+      target = w.astype(FLOAT32) + u.astype(FLOAT32)
+      outside = jnp.isfinite(target) & (jnp.abs(target) > bound)
+      counts.append(jnp.sum(outside, dtype=jnp.int32))
+      new_w = jnp.clip(target, -bound, bound)
+      delta = (new_w - w.astype(FLOAT32)).astype(u.dtype)
+      # What `optax.apply_updates` will compute, in the weight's dtype.
+      landed = (w + delta).astype(w.dtype).astype(FLOAT32)
+      delta = jnp.where(landed > bound, _toward(delta, -jnp.inf), delta)
+      delta = jnp.where(landed < -bound, _toward(delta, jnp.inf), delta)
+      return jnp.where(outside, delta, u)
+
+    updates = jax.tree.map(clip_leaf, updates, params)
+    return updates, ClipWeightsState(
+        clipped_fraction=_fraction(_sum(counts, jnp.int32), _tree.size(updates)))
+
+  return optax.GradientTransformation(init_fn, update_fn)
