@@ -47,15 +47,7 @@ def _unwrap(x: Any) -> Any:
 
 def path_str(path: tuple[Any, ...]) -> str:
   """``"layers/0/kernel"`` for a ``jax.tree_util`` key path."""
-  parts = []
-  for key in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _is_node(x: Any) -> bool:
@@ -79,6 +71,21 @@ def _walk(state: Any) -> Iterator[tuple[str, tuple[str, ...], Any]]:
       yield from _walk(child)
 
 
+def named_states(opt_state: Any) -> Iterator[tuple[str, tuple[str, ...], Any]]:
+  """``(prefix, fields, state)`` for every registered state inside, in order.
+
+  ``prefix`` is the transform's name, with ``_1``, ``_2``... for repeats;
+  Flax NNX Variables in ``state`` are replaced by their values.
+  """
+  seen: dict[str, int] = {}
+  for name, fields, state in _walk(opt_state):
+    count = seen.get(name, 0)
+    seen[name] = count + 1
+    prefix = name if count == 0 else f"{name}_{count}"
+    state = jax.tree.map(_unwrap, state, is_leaf=lambda x: _unwrap(x) is not x)
+    yield prefix, fields, state
+
+
 def collect(opt_state: Any) -> dict[str, jax.Array]:
   """Flat ``{"<transform>/<field>": array}`` of every registered state inside.
 
@@ -86,18 +93,12 @@ def collect(opt_state: Any) -> dict[str, jax.Array]:
   that appears again gets a suffix (``clip_by_global_norm_1/norm``).
   """
   out: dict[str, jax.Array] = {}
-  seen: dict[str, int] = {}
-  for name, fields, state in _walk(opt_state):
-    count = seen.get(name, 0)
-    seen[name] = count + 1
-    prefix = name if count == 0 else f"{name}_{count}"
+  for prefix, fields, state in named_states(opt_state):
     for field in fields:
-      value = getattr(state, field)
-      leaves = jax.tree_util.tree_flatten_with_path(
-          value, is_leaf=lambda x: _unwrap(x) is not x)[0]
-      for path, leaf in leaves:
+      for path, leaf in jax.tree_util.tree_flatten_with_path(
+          getattr(state, field))[0]:
         key = f"{prefix}/{field}"
         if path:
           key = f"{key}/{path_str(path)}"
-        out[key] = _unwrap(leaf)
+        out[key] = leaf
   return out

@@ -109,7 +109,8 @@ def scale_tree(tree: Any, scale: jax.Array) -> Any:
   return map_float(lambda x: scale_leaf(x, scale), tree)
 
 
-def _is_concrete(value: Any) -> bool:
+def is_concrete(value: Any) -> bool:
+  """False for a jax tracer: a value only known when the computation runs."""
   # Under `optax.inject_hyperparams` the factory is re-run inside `update` with
   # traced hyperparameters: those can only be checked when the user builds the
   # transform, so tracers are let through.
@@ -130,7 +131,7 @@ def check_number(
   The range is ``[low, high]``; ``low_open`` / ``high_open`` exclude an end.
   The error says the allowed range and the value received.
   """
-  if value is None or not _is_concrete(value):
+  if value is None or not is_concrete(value):
     return
   try:
     v = float(value)
@@ -149,10 +150,10 @@ def check_number(
 def check_int(name: str, value: Any, *, low: int = 0) -> None:
   """Raises ``ValueError`` naming ``name`` unless ``value`` is an int >= low."""
   if isinstance(value, bool) or not isinstance(value, int):
-    if _is_concrete(value) and not (
+    if is_concrete(value) and not (
         hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)):
       raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-  if _is_concrete(value) and int(value) < low:
+  if is_concrete(value) and int(value) < low:
     raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
 
 

@@ -131,7 +131,7 @@ def accumulate(
                 ) -> tuple[Any, AccumulateState]:
     if weight is None:
       weight = 1.0
-    elif not isinstance(weight, jax.core.Tracer):
+    else:
       _tree.check_number("weight", weight, low=0.0)
     weight = jnp.asarray(weight, FLOAT32)
     valid = jnp.isfinite(weight) & (weight >= 0)
@@ -144,8 +144,6 @@ def accumulate(
     run_inner = boundary & (total > 0)
 
     def add(g, acc):
-      if not _tree.is_float(g):
-        return acc
       new = acc.astype(FLOAT32) + share * (g.astype(FLOAT32) - acc.astype(FLOAT32))
       return jnp.where(share > 0, new, acc.astype(FLOAT32))
 
@@ -170,10 +168,8 @@ def accumulate(
           if _tree.is_float(g) else acc, updates, accumulator)
       # The cast is a no-op except where the inner state's own dtype changes
       # on its first update (optax.adam's moments of an integer leaf).
-      return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-              accumulator,
-              jax.tree.map(lambda x, s: x.astype(s.dtype), inner_state,
-                           inner_shapes))
+      return (optax.tree.zeros_like(shapes), accumulator,
+              optax.tree.cast_like(inner_state, inner_shapes))
 
     new_updates, accumulator, inner_state = jax.lax.cond(
         run_inner, run, hold, operands)

@@ -408,11 +408,11 @@ def skip_spikes(
 
     def hold(operands):
       # Nothing gradient-sized is computed here but the zero updates; the
-      # inner state passes through. The cast is a no-op except where the inner state's own dtype changes
-      # on its first update (optax.adam's moments of an integer leaf).
-      return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-              jax.tree.map(lambda x, s: x.astype(s.dtype), operands[1],
-                           state_shapes))
+      # inner state passes through. The cast is a no-op except where the inner
+      # state's own dtype changes on its first update (optax.adam's moments of
+      # an integer leaf).
+      return (optax.tree.zeros_like(shapes),
+              optax.tree.cast_like(operands[1], state_shapes))
 
     new_updates, inner_state = jax.lax.cond(skip, hold, run, operands)
     accept = ~skip

@@ -39,6 +39,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -411,7 +412,7 @@ def _projected(call: Callable[[Any], Any], cotangents: list[jax.Array] | None,
     return lambda y: call(y).astype(dtype)
 
   def phi(y: Any) -> jax.Array:
-    outs = [o for o in jax.tree.leaves(call(y)) if _tree.is_float(o)]
+    outs = _tree.float_leaves(call(y))
     return sum(jnp.sum(u * o.astype(u.dtype)) for u, o in zip(cotangents, outs))
   return phi
 
@@ -440,7 +441,7 @@ def _check(dynamic: list[jax.Array], key: jax.Array, *, fn: Callable[..., Any],
     return fn(*args[:argnums], y, *args[argnums + 1:])
 
   out = jax.eval_shape(call, x)
-  out_leaves = [o for o in jax.tree.leaves(out) if jnp.issubdtype(o.dtype, jnp.floating)]
+  out_leaves = _tree.float_leaves(out)
   if not out_leaves:
     raise ValueError("fn must return a floating array or a pytree with one.")
   # The outputs' own dtype limits how precisely finite differences see them.
@@ -553,29 +554,29 @@ def check_gradients(
   flat, treedef = jax.tree.flatten(list(args))
   positions = tuple(i for i, leaf in enumerate(flat) if not _is_static(leaf))
   static = tuple(None if i in positions else leaf for i, leaf in enumerate(flat))
-  checked_paths = [
-      _leaf_path(path)
+  checked = [
+      (_leaf_path(path), int(leaf.size))
       for path, leaf in jax.tree_util.tree_flatten_with_path(args[argnums])[0]
       if _tree.is_float(leaf) and leaf.size]
   settings = dict(fn=fn, argnums=argnums, num_directions=int(num_directions),
                   precision=precision, rtol=None if rtol is None else float(rtol),
                   spec=(treedef, static, positions))
   dynamic = [flat[i] for i in positions]
-  if precision == "float64":
-    with jax.enable_x64(True):
-      results = jax.device_get(_check(dynamic, key, **settings))
-  else:
+  # Only switches x64 on for the check: `enable_x64(False)` would switch off
+  # a caller's x64.
+  scope = (jax.enable_x64(True) if precision == "float64"
+           else contextlib.nullcontext())
+  with scope:
     results = jax.device_get(_check(dynamic, key, **settings))
-  leaves = [x for x in jax.tree.leaves(args[argnums]) if _tree.is_float(x) and x.size]
   rows = tuple(
       GradCheckRow(
-          path=path, size=int(np.size(leaf)), error=float(results["error"][n]),
+          path=path, size=size, error=float(results["error"][n]),
           reverse=float(results["reverse"][n]),
           forward=float(results["forward"][n]) if results["has_forward"][n] else None,
           finite_difference=float(results["finite_difference"][n]),
           uncertainty=float(results["uncertainty"][n]), rtol=float(results["rtol"][n]),
           verdict=VERDICTS[int(results["verdict"][n])])
-      for n, (path, leaf) in enumerate(zip(checked_paths, leaves)))
+      for n, (path, size) in enumerate(checked))
   return GradCheckReport(rows=rows, precision=precision,
                          num_directions=int(num_directions))
 

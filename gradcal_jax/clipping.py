@@ -76,8 +76,8 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
   Non-finite entries are left as they are (an ``inf`` clamped to ``max_abs``
   would look like an ordinary large gradient); they also make the state's
   ``norm`` non-finite. The clamp is computed in float32 and cast back, so a
-  bfloat16 gradient stays bfloat16. The statistics cost one more read of the
-  gradient than ``optax.clip``.
+  bfloat16 gradient stays bfloat16. The two statistics (norm and clamped
+  count) cost two more reads of the gradient than ``optax.clip``.
 
   Args:
     max_abs: the largest absolute value an entry may keep, ``>= 0``.
@@ -404,7 +404,7 @@ def adaptive_grad_clip(
       units = math.prod(g.shape[d] for d in range(g.ndim) if d not in axes)
       results.append((jnp.sum(scale < 1.0, dtype=jnp.int32),
                       jnp.max(g_norm / w_norm, initial=0.0), units))
-      return (g32 * scale).astype(g.dtype)
+      return _tree.scale_leaf(g, scale)
 
     updates = jax.tree_util.tree_map_with_path(clip_leaf, updates, params)
     clipped = _sum([c for c, _, _ in results], jnp.int32)

@@ -56,8 +56,8 @@ class MonitorState(NamedTuple):
 def _check_thresholds(vanishing_below: Any, exploding_above: Any) -> None:
   _tree.check_number("vanishing_below", vanishing_below, low=0.0)
   _tree.check_number("exploding_above", exploding_above, low=0.0)
-  concrete = not any(isinstance(v, jax.core.Tracer)
-                     for v in (vanishing_below, exploding_above))
+  concrete = _tree.is_concrete(vanishing_below) and _tree.is_concrete(
+      exploding_above)
   if concrete and not float(vanishing_below) < float(exploding_above):
     raise ValueError(
         "vanishing_below must be smaller than exploding_above, got "
@@ -77,6 +77,24 @@ def _max_abs(tree: Any) -> jax.Array:
   if not maxima:
     return jnp.zeros((), _tree.FLOAT32)
   return jnp.max(jnp.stack(maxima))
+
+
+def _summary(
+    tree: Any) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Per-leaf norms (None for non-gradient leaves), their vector, the global
+  norm (from the leaf norms: no second pass), the largest |entry| and the
+  number of non-finite entries."""
+  leaf_norms = jax.tree.map(
+      lambda x: _tree.leaf_norm(x) if _is_gradient(x) else None, tree)
+  norms = jax.tree.leaves(leaf_norms)
+  norms = jnp.stack(norms) if norms else jnp.zeros((0,), _tree.FLOAT32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(norms)))
+  # A finite global norm proves every entry finite: skip the count then.
+  nonfinite = jax.lax.cond(
+      jnp.isfinite(norm),
+      lambda: jnp.zeros((), jnp.int32),
+      lambda: _tree.count_nonfinite(tree))
+  return leaf_norms, norms, norm, _max_abs(tree), nonfinite
 
 
 def monitor(
@@ -145,21 +163,12 @@ def monitor(
   ) -> tuple[Any, MonitorState]:
     del params
     low, high = thresholds()
-    leaf_norms = jax.tree.map(
-        lambda x: _tree.leaf_norm(x) if _is_gradient(x) else None, updates)
-    norms = jax.tree.leaves(leaf_norms)
-    norms = jnp.stack(norms) if norms else jnp.zeros((0,), _tree.FLOAT32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(norms)))
-    # A finite global norm proves every entry finite: skip the count then.
-    nonfinite = jax.lax.cond(
-        jnp.isfinite(norm),
-        lambda: jnp.zeros((), jnp.int32),
-        lambda: _tree.count_nonfinite(updates))
+    leaf_norms, norms, norm, max_abs, nonfinite = _summary(updates)
     new_state = MonitorState(
-        count=optax.safe_int32_increment(state.count),
+        count=optax.safe_increment(state.count),
         norm=norm,
         leaf_norms=leaf_norms,
-        max_abs=_max_abs(updates),
+        max_abs=max_abs,
         nonfinite=nonfinite,
         vanishing=jnp.sum(norms < low, dtype=jnp.int32),
         exploding=jnp.sum(norms > high, dtype=jnp.int32),
@@ -263,19 +272,14 @@ def _counts_line(rows: list[tuple[str, str, float, str]]) -> str:
   return ("layers: " + ", ".join(f"{counts[f]} {f}" for f in _FLAGS.values()))
 
 
-@jax.jit
-def _gradient_summary(
-    leaves: list[jax.Array]
-) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array]:
-  # One compiled call rather than a few eager operations per leaf.
-  return ([_tree.leaf_norm(x) for x in leaves], _tree.global_norm(leaves),
-          _max_abs(leaves), _tree.count_nonfinite(leaves))
+# One compiled call rather than a few eager operations per leaf.
+_gradient_summary = jax.jit(_summary)
 
 
 def _report_grads(grads: Any, low: float, high: float) -> list[str]:
   leaves = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(grads)[0]
             if _is_gradient(x)]
-  leaf_norms, norm, max_abs, nonfinite = jax.device_get(
+  leaf_norms, _, norm, max_abs, nonfinite = jax.device_get(
       _gradient_summary([x for _, x in leaves]))
   norms = [(_layer_path(p), str(tuple(x.shape)), float(n))
            for (p, x), n in zip(leaves, leaf_norms)]
@@ -372,16 +376,10 @@ def report(
 
   sections: list[list[str]] = []
   monitors: set[str] = set()
-  seen: dict[str, int] = {}
   # The same walk and numbering as `stats`, so titles match its key prefixes.
-  for name, _, state in _stats._walk(tree):
-    count = seen.get(name, 0)
-    seen[name] = count + 1
+  for prefix, _, state in _stats.named_states(tree):
     if isinstance(state, MonitorState):
-      prefix = name if count == 0 else f"{name}_{count}"
       monitors.add(prefix)
-      state = jax.tree.map(_stats._unwrap, state,
-                           is_leaf=lambda x: _stats._unwrap(x) is not x)
       sections.append(_report_monitor(
           prefix, state, vanishing_below, exploding_above))
   if not sections:

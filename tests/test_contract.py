@@ -188,11 +188,6 @@ def _run(tx: optax.GradientTransformation, case: Case, steps: int,
   return outs, state
 
 
-def _assert_all_finite(tree: Any) -> None:
-  for x in jax.tree.leaves(tree):
-    assert np.all(np.isfinite(np.asarray(x, np.float64))), tree
-
-
 def _stat_dtypes_ok(state: Any) -> None:
   allowed = {np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.bool_)}
   for key, value in gc.stats(state).items():
@@ -214,7 +209,7 @@ def test_is_an_optax_transform(case):
   assert isinstance(tx, optax.GradientTransformation)
   chained = optax.chain(tx, optax.sgd(0.1))
   outs, _ = _run(chained, case, steps=2, jit=True)
-  _assert_all_finite(outs)
+  chex.assert_tree_all_finite(outs)
 
 
 def test_inside_masked_matches_the_selected_subtree(case):
@@ -307,7 +302,7 @@ def test_low_precision_in_low_precision_out(case, dtype):
   for updates in outs:
     for x in jax.tree.leaves(updates):
       assert x.dtype == dtype
-  _assert_all_finite(outs)
+  chex.assert_tree_all_finite(outs)
   _stat_dtypes_ok(state)
 
 
@@ -321,8 +316,8 @@ def test_float16_gradient_with_norm_above_65504(case):
   for updates in outs:
     for x in jax.tree.leaves(updates):
       assert x.dtype == jnp.float16
-  _assert_all_finite(outs)
-  _assert_all_finite(gc.stats(state))
+  chex.assert_tree_all_finite(outs)
+  chex.assert_tree_all_finite(gc.stats(state))
 
 
 def test_stats_are_float32_or_int32_scalars(case):
@@ -347,8 +342,8 @@ def test_zero_gradients_and_zero_params_stay_finite(case):
   update = jax.jit(lambda g, s, p: tx.update(g, s, p, **case.extra(g, p)))
   for _ in range(3):
     out, state = update(zeros, state, zeros)
-    _assert_all_finite(out)
-  _assert_all_finite(gc.stats(state))
+    chex.assert_tree_all_finite(out)
+  chex.assert_tree_all_finite(gc.stats(state))
 
 
 def test_nonfinite_gradient_is_never_hidden(case):
@@ -384,7 +379,7 @@ def test_missing_params_raise_a_clear_value_error(case):
     pytest.skip("does not need params")
   tx = case.build()
   grads = _grads_at(0)
-  with pytest.raises(ValueError, match=re.compile("param", re.I)):
+  with pytest.raises(ValueError, match="needs the parameters"):
     tx.update(grads, tx.init(grads), None, **case.extra(grads, grads))
 
 
@@ -413,7 +408,7 @@ def test_unusual_pytrees(case):
     assert jax.tree.structure(out) == jax.tree.structure(grads)
     assert out["step"].dtype == jnp.int32
     assert int(out["step"]) in (3, 0)
-    _assert_all_finite(out)
+    chex.assert_tree_all_finite(out)
 
   empty_state = tx.init({})
   out, _ = tx.update({}, empty_state, {}, **case.extra({}, {}))

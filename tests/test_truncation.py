@@ -70,11 +70,13 @@ def test_error_feedback_matches_numpy_and_loses_nothing_over_50_steps(wrap):
                  out, expect)
     sum_grads = jax.tree.map(lambda s, g: s + g.astype(np.float64), sum_grads, grads)
     sum_out = jax.tree.map(lambda s, o: s + np.asarray(o, np.float64), sum_out, out)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               state.residual, residual)
   # The identity: everything emitted plus what is still held is every gradient.
   jax.tree.map(
       lambda o, r, g: np.testing.assert_allclose(o + np.asarray(r), g, atol=1e-4),
       sum_out, state.residual, sum_grads)
-  dropped = np.sqrt(sum(np.sum(np.square(r)) for r in jax.tree.leaves(state.residual)))
+  dropped = np.sqrt(sum(np.sum(np.square(r)) for r in jax.tree.leaves(residual)))
   assert np.isclose(float(gc.stats(state)["truncate_top_k/dropped_norm"]), dropped,
                     rtol=1e-5)
   assert float(np.abs(dropped)) > 1.0  # something really was held back
