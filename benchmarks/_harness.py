@@ -1,9 +1,10 @@
 """Timing helpers shared by the benchmark files (not part of the library).
 
 Every row times a jitted update after warm-up, blocks on its results, takes the
-median of repeats, and is compared with a reference measured in the same process
-right after it, and with the memory-bound floor: reading and writing the same
-gradient once.
+median of repeats, and is compared with a reference and with the memory-bound
+floor (reading and writing the same gradient once), all measured in the same
+process in alternation, round after round, so that load changes on the machine
+hit all three alike.
 """
 
 from __future__ import annotations
@@ -81,30 +82,64 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 15,
   return statistics.median(times)
 
 
+def time_interleaved(calls: list[Callable[[], Any]], rounds: int = 15,
+                     warmup: int = 3) -> list[float]:
+  """Median wall times (s) of several calls, measured in alternation.
+
+  Each round runs every call once, so a change in machine load during the
+  measurement hits all of them alike and their ratios stay meaningful.
+  """
+  for call in calls:
+    for _ in range(warmup):
+      jax.block_until_ready(call())
+  times: list[list[float]] = [[] for _ in calls]
+  for _ in range(rounds):
+    for call, bucket in zip(calls, times):
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      bucket.append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
+
+
+def update_call(tx: optax.GradientTransformation, grads: Any,
+                params: Any = None, state: Any = None,
+                **extra: Any) -> Callable[[], Any]:
+  """A call of the jitted ``tx.update`` (from its initial state by default)."""
+  if state is None:
+    state = tx.init(params if params is not None else grads)
+  update = jax.jit(tx.update)
+  return lambda: update(grads, state, params, **extra)
+
+
+def floor_call(tree: Any) -> Callable[[], Any]:
+  """The memory-bound floor: read every entry once and write it once."""
+  negate = jax.jit(lambda t: jax.tree.map(jnp.negative, t))
+  return lambda: negate(tree)
+
+
 def time_update(tx: optax.GradientTransformation, grads: Any,
                 params: Any = None, repeats: int = 15, **extra: Any) -> float:
   """Median time (s) of one jitted ``tx.update`` from its initial state."""
-  state = tx.init(params if params is not None else grads)
-  update = jax.jit(tx.update)
-  return time_fn(update, grads, state, params, repeats=repeats, **extra)
+  return time_interleaved([update_call(tx, grads, params, **extra)],
+                          rounds=repeats)[0]
 
 
 def time_floor(tree: Any, repeats: int = 15) -> float:
   """The memory-bound floor: read every entry once and write it once."""
-  return time_fn(jax.jit(lambda t: jax.tree.map(jnp.negative, t)), tree,
-                 repeats=repeats)
+  return time_interleaved([floor_call(tree)], rounds=repeats)[0]
 
 
 def compare(name: str, tx: optax.GradientTransformation, reference_name: str,
             reference: optax.GradientTransformation, grads: Any,
             params: Any = None, floor: float | None = None,
-            note: str = "") -> Row:
-  """Times ``tx`` then ``reference`` on the same inputs and returns a Row."""
-  ours = time_update(tx, grads, params)
-  ref = time_update(reference, grads, params)
+            note: str = "", rounds: int = 21) -> Row:
+  """Times ``tx``, ``reference`` and the floor, interleaved, and returns a Row."""
+  calls = [update_call(tx, grads, params), update_call(reference, grads, params)]
   if floor is None:
-    floor = time_floor(grads)
-  return Row(name, entries(grads), ours, reference_name, ref, floor, note)
+    calls.append(floor_call(grads))
+  times = time_interleaved(calls, rounds=rounds)
+  return Row(name, entries(grads), times[0], reference_name, times[1],
+             times[2] if floor is None else floor, note)
 
 
 def table(rows: list[Row]) -> str:

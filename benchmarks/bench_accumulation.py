@@ -3,7 +3,11 @@
 A non-boundary micro-step of ``accumulate`` only folds the gradient into its
 buffer (Adam sits in a ``lax.cond`` and does not run), while ``MultiSteps``
 runs Adam on every micro-step and discards the result; on the boundary step
-both run Adam once. The note gives the compiled memory (argument plus
+both run Adam once. Neither update donates its state here, so a micro-step
+of ours still writes the unchanged Adam moments to fresh output buffers (an
+XLA output cannot alias an input that is not donated): it reads and writes
+the gradient-sized buffers Adam would (gradient, accumulator, two moments),
+minus Adam's arithmetic. The note gives the compiled memory (argument plus
 temporary bytes, from ``memory_analysis``) of ours over ``MultiSteps``'s.
 """
 
@@ -28,8 +32,23 @@ def _state_before_boundary(tx: Any, grads: Any) -> Any:
   return state
 
 
-def _memory(tx: Any, grads: Any) -> int:
-  memory = jax.jit(tx.update).lower(grads, tx.init(grads)).compile().memory_analysis()
+def _memory(tx: Any, grads: Any, donate: bool = False) -> int:
+  """Argument plus temporary bytes of the compiled update (outputs excluded).
+
+  With ``donate``, of a training step that applies the updates to the params
+  and donates params and state, as one runs it in practice (donating the
+  state to ``tx.update`` alone lets JAX pair the donated buffers with outputs
+  of the same shape in order, the updates first, which costs copies).
+  """
+  if not donate:
+    compiled = jax.jit(tx.update).lower(grads, tx.init(grads)).compile()
+  else:
+    def step(params, grads, state):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    compiled = jax.jit(step, donate_argnums=(0, 2)).lower(
+        grads, grads, tx.init(grads)).compile()
+  memory = compiled.memory_analysis()
   return memory.argument_size_in_bytes + memory.temp_size_in_bytes
 
 
@@ -37,19 +56,25 @@ def rows(sizes: list[int]) -> list[_harness.Row]:
   out = []
   for size in sizes:
     grads = _harness.make_tree(size)
-    floor = _harness.time_floor(grads)
     ours = gc.accumulate(optax.adam(1e-3), every_k=EVERY_K)
     ref = optax.MultiSteps(optax.adam(1e-3), every_k_schedule=EVERY_K)
     memory = _memory(ours, grads) / _memory(ref, grads)
-    note = f"every_k={EVERY_K}; memory ours/MultiSteps {memory:.4f}"
-    out.append(_harness.compare(
-        "accumulate(adam) micro-step", ours, "MultiSteps(adam)", ref, grads,
-        floor=floor, note=note))
-    timings = []
-    for tx in (ours, ref):
-      state = _state_before_boundary(tx, grads)
-      timings.append(_harness.time_fn(jax.jit(tx.update), grads, state))
-    out.append(_harness.Row(
-        "accumulate(adam) boundary", _harness.entries(grads), timings[0],
-        "MultiSteps(adam)", timings[1], floor, note))
+    excess = _memory(ours, grads) - _memory(ref, grads)
+    donated = _memory(ours, grads, True) / _memory(ref, grads, True)
+    note = (f"every_k={EVERY_K}; memory ours/MultiSteps {memory:.5f} "
+            f"({excess:+,} bytes); donated train step {donated:.5f}")
+    # Micro-steps from the initial state, boundaries from the state one call
+    # before it; all four and the floor measured in alternation.
+    micro_ours, micro_ref, bound_ours, bound_ref, floor = _harness.time_interleaved([
+        _harness.update_call(ours, grads),
+        _harness.update_call(ref, grads),
+        _harness.update_call(ours, grads, state=_state_before_boundary(ours, grads)),
+        _harness.update_call(ref, grads, state=_state_before_boundary(ref, grads)),
+        _harness.floor_call(grads),
+    ], rounds=21)
+    entries = _harness.entries(grads)
+    out.append(_harness.Row("accumulate(adam) micro-step", entries, micro_ours,
+                            "MultiSteps(adam)", micro_ref, floor, note))
+    out.append(_harness.Row("accumulate(adam) boundary", entries, bound_ours,
+                            "MultiSteps(adam)", bound_ref, floor, note))
   return out

@@ -33,7 +33,9 @@ class AccumulateState(NamedTuple):
       not finite; each was ignored as if its weight were zero.
     accumulator: the weighted mean of the cycle's gradients so far, shaped
       like the gradient, in ``accumulator_dtype`` (integer leaves are kept
-      as they are and never read).
+      as they are and never read). While ``weight`` is 0 (right after a
+      boundary) it still holds the last cycle's mean and is not read: the
+      next micro-batch of positive weight overwrites it.
     inner_state: the inner transform's state.
   """
   micro_step: jax.Array
@@ -144,35 +146,41 @@ def accumulate(
     run_inner = boundary & (total > 0)
 
     def add(g, acc):
-      new = acc.astype(FLOAT32) + share * (g.astype(FLOAT32) - acc.astype(FLOAT32))
-      return jnp.where(share > 0, new, acc.astype(FLOAT32))
+      # The running mean including this micro-batch. The first micro-batch of
+      # a cycle (share 1) overwrites whatever the buffer still holds from the
+      # last one, so the buffer is never reset to zeros at a boundary.
+      g32, acc32 = g.astype(FLOAT32), acc.astype(FLOAT32)
+      new = jnp.where(share > 0, acc32 + share * (g32 - acc32), acc32)
+      return jnp.where(share >= 1, g32, new).astype(acc.dtype)
+
+    # Always written: between boundaries it is the new state, at a boundary
+    # it is the mean handed to `inner` (read once per fusion, instead of the
+    # gradient and the old buffer both).
+    accumulator = jax.tree.map(
+        lambda g, acc: add(g, acc) if _tree.is_float(g) else acc,
+        updates, state.accumulator)
 
     def run(operands):
-      updates, accumulator, inner_state, params = operands
+      accumulator, inner_state, params = operands
       mean = jax.tree.map(
-          lambda g, acc: add(g, acc).astype(g.dtype) if _tree.is_float(g) else g,
+          lambda g, acc: acc.astype(g.dtype) if _tree.is_float(g) else g,
           updates, accumulator)
-      new_updates, inner_state = inner.update(
-          mean, inner_state, params, **extra_args)
-      return new_updates, _tree.map_float(jnp.zeros_like, accumulator), inner_state
+      return inner.update(mean, inner_state, params, **extra_args)
 
-    operands = (updates, state.accumulator, state.inner_state, params)
-    shapes, _, inner_shapes = jax.eval_shape(run, operands)
+    operands = (accumulator, state.inner_state, params)
+    shapes, inner_shapes = jax.eval_shape(run, operands)
 
     def hold(operands):
-      # Between boundaries, and at a boundary with nothing accumulated (which
-      # only resets the buffer): only the zeros the caller receives are new.
-      updates, accumulator, inner_state, _ = operands
-      accumulator = jax.tree.map(
-          lambda g, acc: jnp.where(boundary, 0, add(g, acc)).astype(acc.dtype)
-          if _tree.is_float(g) else acc, updates, accumulator)
-      # The cast is a no-op except where the inner state's own dtype changes
-      # on its first update (optax.adam's moments of an integer leaf).
-      return (optax.tree.zeros_like(shapes), accumulator,
-              optax.tree.cast_like(inner_state, inner_shapes))
+      # Between boundaries, and at a boundary with nothing accumulated, the
+      # inner state is passed on, written afresh here so that the boundary
+      # branch needs no copy of it (see `_tree.fresh`). The cast is a no-op
+      # except where the inner state's own dtype changes on its first update
+      # (optax.adam's moments of an integer leaf).
+      _, inner_state, _ = operands
+      return (optax.tree.zeros_like(shapes),
+              optax.tree.cast_like(_tree.fresh(inner_state), inner_shapes))
 
-    new_updates, accumulator, inner_state = jax.lax.cond(
-        run_inner, run, hold, operands)
+    new_updates, inner_state = jax.lax.cond(run_inner, run, hold, operands)
     return new_updates, AccumulateState(
         micro_step=jnp.where(boundary, 0, state.micro_step + 1).astype(INT32),
         inner_steps=jnp.where(run_inner, optax.safe_increment(state.inner_steps),

@@ -347,6 +347,20 @@ def test_skipped_branch_does_not_run_inner():
   assert int(state.inner_state[0].count) == 0
 
 
+def test_skip_spikes_compiles_no_gradient_sized_copy_or_temporary():
+  # Passed through the lax.cond as is, Adam's moments would be copied before
+  # it on every step, accepted ones included; and the skipped branch must
+  # hold nothing gradient-sized but the zeros it returns (outputs, not temps).
+  grads = {"w": jnp.zeros((64, 128)), "b": jnp.zeros(128)}
+  tx = gc.skip_spikes(optax.adam(1e-3))
+  compiled = jax.jit(tx.update).lower(grads, tx.init(grads)).compile()
+  copies = [line for line in compiled.as_text().splitlines()
+            if " copy(" in line and "f32[64,128]" in line.split("copy(")[0]]
+  assert not copies, copies
+  assert compiled.memory_analysis().temp_size_in_bytes < 128 * 4, (
+      compiled.memory_analysis())
+
+
 # ---------------------------------------------------------------------------
 # All three: resuming from a saved state, stats keys, validation
 
