@@ -62,6 +62,11 @@ _OFFSETS = (-1.0, -0.5, 0.5, 1.0)
 # How many uncertainties a disagreement must exceed to be called a mismatch.
 _TRUST = 3.0
 _NOISE_FLOOR = 16.0
+# Same-shaped leaves checked by one traced body: at most _CHUNK (a larger
+# chunk batches more of phi at every point, a smaller one compiles phi more
+# times), and few enough that the points hold at most _CHUNK_ENTRIES entries.
+_CHUNK = 4
+_CHUNK_ENTRIES = 2 ** 24
 
 
 def _eps(dtype: Any) -> float:
@@ -132,19 +137,18 @@ def _rms(leaves: list[jax.Array], dtype: Any) -> jax.Array:
 
 
 def _finite_differences(phi: Callable[[jax.Array], jax.Array], leaf: jax.Array,
-                        v: jax.Array, t: jax.Array, dtype: Any
-                        ) -> tuple[jax.Array, jax.Array]:
-  """``phi`` at the centre and at ``x + a t v``, all in one batched call.
+                        v: jax.Array, t: jax.Array, dtype: Any) -> jax.Array:
+  """``phi`` at ``x + a t v`` for every offset ``a`` and direction, in one batched call.
 
-  Returns ``(f0, f)`` with ``f`` of shape ``(directions, len(_OFFSETS))``.
+  Returns an array of shape ``(directions, len(_OFFSETS))``; the centre value
+  is the same for every leaf and is evaluated once, by the caller.
   """
   ones = (1,) * leaf.ndim
   offsets = (jnp.asarray(_OFFSETS, dtype) * t).reshape((1, len(_OFFSETS)) + ones)
   points = leaf.astype(dtype)[None, None] + offsets * v[:, None]
   points = points.reshape((-1,) + leaf.shape).astype(leaf.dtype)
-  points = jnp.concatenate([leaf[None], points])
   values = jax.vmap(phi)(points).astype(dtype)
-  return values[0], values[1:].reshape(v.shape[0], len(_OFFSETS))
+  return values.reshape(v.shape[0], len(_OFFSETS))
 
 
 def _measure(g_leaf: jax.Array, v: jax.Array, forward: jax.Array | None,
@@ -183,7 +187,7 @@ def _judge(m: _Measured, has_forward: jax.Array, rtol: jax.Array,
   spread = jnp.max(jnp.abs(narrow - wide) + kink + floor, axis=1)
 
   # A leaf's forward leg counts where jax.jvp applied and gave a finite value:
-  # within a group of same-shaped leaves, jvp also carries zero tangents
+  # within a chunk of same-shaped leaves, jvp also carries zero tangents
   # through the other members, where 0 * inf (sqrt at 0) can be NaN.
   has_forward = has_forward[:, None] & jnp.isfinite(m.forward)
   forward = jnp.where(has_forward, m.forward, 0.0)
@@ -219,72 +223,100 @@ def _is_custom_vjp_error(e: Exception) -> bool:
   return isinstance(e, TypeError) and "custom_vjp" in str(e)
 
 
+def _chunks(members: list[int], size: int, points: int) -> list[list[int]]:
+  """``members`` cut into consecutive runs of at most ``_CHUNK`` leaves, fewer
+  when ``points`` copies of each would exceed ``_CHUNK_ENTRIES``."""
+  room = max(1, min(_CHUNK, _CHUNK_ENTRIES // max(points * size, 1)))
+  return [members[a:a + room] for a in range(0, len(members), room)]
+
+
 def _measure_leaves(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef: Any,
                     grads: list[Any], checked: list[int], key: jax.Array,
                     num_directions: int, eps: list[float], fallback: jax.Array,
-                    wide: Any, forward: bool) -> tuple[_Measured, list[bool]]:
+                    f0: jax.Array, wide: Any, forward: bool
+                    ) -> tuple[_Measured, list[bool]]:
   """Measures every checked leaf; returns them stacked in ``checked`` order.
 
-  Leaves of one shape and dtype (the layers of a deep model) share one traced
-  body run by ``lax.map`` with the member's index as data, so the compiled
-  check grows with the number of distinct shapes, not with leaves times the
-  size of ``phi``. Inside, the perturbed member is written into the stack of
-  its group, so each evaluation holds ``4 * directions + 1`` copies of that
-  group. Each group draws its directions in one call shaped like its leaves,
-  so a sharded leaf's directions are generated where its shards live.
+  Leaves of one shape and dtype (the layers of a deep model) are cut, in tree
+  order, into chunks of at most ``_CHUNK``; the members of a chunk share one
+  traced body run by ``lax.map`` with the member's index as data, so the
+  compiled check grows with the number of chunks, not with leaves times the
+  size of ``phi``. Under ``jax.vmap`` over the evaluation points only the
+  chunk's members are batched: what ``phi`` computes before them (the layers
+  below, when the tree lists layers in order) is evaluated once per member,
+  not once per point, and no other parameter is copied; the forward-mode
+  products come from one ``jax.linearize`` per chunk, so only their tangents
+  are computed per member. Whole groups in one body would batch every layer
+  of a deep model at every point, and one body per leaf would compile ``phi``
+  once per leaf. The chunks are small enough that ``4 * directions`` copies
+  of one stay within ``_CHUNK_ENTRIES`` entries. Each chunk draws its
+  directions in one call shaped like its leaves, so a sharded leaf's
+  directions are generated where its shards live.
   """
   groups: dict[tuple[Any, ...], list[int]] = {}
   for n, i in enumerate(checked):
     groups.setdefault((leaves[i].shape, jnp.dtype(leaves[i].dtype)), []).append(n)
+  points = len(_OFFSETS) * num_directions
+  chunks = [chunk for members in groups.values()
+            for chunk in _chunks(members, leaves[checked[members[0]]].size, points)]
 
-  def body(members: list[int], k: jax.Array, v: jax.Array, g: jax.Array,
-           with_forward: bool) -> _Measured:
-    idx = [checked[n] for n in members]
-    stacked = jnp.stack([leaves[i] for i in idx])
-    leaf = stacked[k]
+  def replaced(idx: list[int], ys: list[jax.Array]) -> Any:
+    new = list(leaves)
+    for i, y in zip(idx, ys):
+      new[i] = y
+    return treedef.unflatten(new)
+
+  def body(idx: list[int], leaf_eps: float, k: jax.Array, v: jax.Array, g: jax.Array,
+           linear: Callable[..., jax.Array] | None) -> _Measured:
+    leaf = jnp.stack([leaves[i] for i in idx])[k]
     dtype = jnp.promote_types(leaf.dtype, wide)
-
-    def phi_k(y: jax.Array) -> jax.Array:
-      new = list(leaves)
-      # A select, not a scatter: it stays one fused op under vmap and jvp.
-      hit = (jnp.arange(len(idx)) == k).reshape((-1,) + (1,) * y.ndim)
-      group = jnp.where(hit, y[None], stacked)
-      for j, i in enumerate(idx):
-        new[i] = group[j]
-      return phi(treedef.unflatten(new))
-
+    # Member k perturbed, the others as they are. A select per member, not a
+    # scatter into a stack: each stays one op fused next to its use under vmap.
+    phi_k = lambda y: phi(replaced(idx, [jnp.where(k == j, y, leaves[i])
+                                         for j, i in enumerate(idx)]))
     v = _unit(v.astype(dtype))
-    t = _step(leaf, fallback.astype(dtype), dtype, eps[members[0]])
+    t = _step(leaf, fallback.astype(dtype), dtype, leaf_eps)
     fwd = None
-    if with_forward:
-      fwd = jax.vmap(lambda d: jax.jvp(phi_k, (leaf,), (d.astype(leaf.dtype),))[1])(v)
-    f0, f = _finite_differences(phi_k, leaf, v, t, dtype)
+    if linear is not None:
+      fwd = jax.vmap(lambda d: linear(*[
+          jnp.where(k == j, d.astype(leaf.dtype), jnp.zeros_like(leaves[i]))
+          for j, i in enumerate(idx)]))(v)
+    f = _finite_differences(phi_k, leaf, v, t, dtype)
     return _measure(g, v, fwd, f0, f, t, dtype)
+
+  def run(idx: list[int], leaf_eps: float, v: jax.Array, g: jax.Array,
+          with_forward: bool) -> _Measured:
+    linear = None
+    if with_forward:
+      # One linearization per chunk: the forward pass it needs is shared by
+      # the members, and only the tangents are computed per member.
+      _, linear = jax.linearize(lambda *ys: phi(replaced(idx, ys)),
+                                *[leaves[i] for i in idx])
+    return jax.lax.map(lambda a: body(idx, leaf_eps, a[0], a[1], a[2], linear),
+                       (jnp.arange(len(idx)), v, g))
 
   parts, order = [], []
   has_forward = [False] * len(checked)
-  for number, members in enumerate(groups.values()):
-    shape = leaves[checked[members[0]]].shape
+  for number, members in enumerate(chunks):
+    idx = [checked[n] for n in members]
     # Uniform entries in [-1, 1]: normalized, a random direction whose law is
     # continuous, so a bug never cancels out exactly (as random signs can).
     v = jax.random.uniform(jax.random.fold_in(key, number),
-                           (len(members), num_directions) + shape, wide, -1.0, 1.0)
-    g = jnp.stack([grads[checked[n]] for n in members])
-    run = lambda with_forward, members=members, v=v, g=g: jax.lax.map(
-        lambda a: body(members, a[0], a[1], a[2], with_forward),
-        (jnp.arange(len(members)), v, g))
+                           (len(idx), num_directions) + leaves[idx[0]].shape,
+                           wide, -1.0, 1.0)
+    g = jnp.stack([grads[i] for i in idx])
     try:
-      measured, ok = run(forward), forward
+      measured, ok = run(idx, eps[members[0]], v, g, forward), forward
     except TypeError as e:  # jax.jvp refuses custom_vjp functions
       if not _is_custom_vjp_error(e):
         raise
-      measured, ok = run(False), False
+      measured, ok = run(idx, eps[members[0]], v, g, False), False
     parts.append(jax.tree.map(
         lambda a: a if a.dtype == jnp.bool_ else a.astype(wide), measured))
     order += members
     for n in members:
       has_forward[n] = ok
-  # Back from group order to the leaves' order.
+  # Back from chunk order to the leaves' order.
   position = np.argsort(np.asarray(order))
   stacked = jax.tree.map(lambda *a: jnp.concatenate(a)[position], *parts)
   return stacked, has_forward
@@ -455,7 +487,8 @@ def _check(dynamic: list[jax.Array], key: jax.Array, *, fn: Callable[..., Any],
                 for u, o in zip(_draw(out_key, out_shapes, wide), out_leaves)]
   phi = _projected(call, None if scalar else cotangents,
                    eval_dtype(out_leaves[0].dtype))
-  grads = treedef_x.flatten_up_to(jax.grad(phi, allow_int=True)(x))
+  f0, grads = jax.value_and_grad(phi, allow_int=True)(x)
+  grads = treedef_x.flatten_up_to(grads)
   fallback = _rms([leaves[i] for i in checked], wide)
 
   if not checked:
@@ -464,8 +497,8 @@ def _check(dynamic: list[jax.Array], key: jax.Array, *, fn: Callable[..., Any],
   eps = [max(_eps(leaves[i].dtype), out_eps) for i in checked]
   rtols = [_default_rtol(e) if rtol is None else rtol for e in eps]
   value_eps = [max(out_eps, _eps(eval_dtype(leaves[i].dtype))) for i in checked]
-  m, has_forward = _measure_leaves(phi, leaves, treedef_x, grads, checked,
-                                   dir_key, num_directions, eps, fallback, wide, True)
+  m, has_forward = _measure_leaves(phi, leaves, treedef_x, grads, checked, dir_key,
+                                   num_directions, eps, fallback, f0, wide, True)
   check = _judge(m, jnp.asarray(has_forward), jnp.asarray(rtols, wide),
                  jnp.asarray(value_eps, wide))
   return {**check._asdict(), "has_forward": jnp.asarray(has_forward),
@@ -490,15 +523,20 @@ def check_gradients(
   module docstring for the step, the error scale and the verdicts). A
   non-scalar output is projected on a random cotangent. ``jax.jvp`` refuses
   ``custom_vjp`` functions: their forward leg is reported as skipped and the
-  reverse leg is still checked against finite differences. Leaves of the same
-  shape and dtype are checked by one compiled loop body, so they share that
-  fate: when one of them reaches a ``custom_vjp``, all show it skipped.
+  reverse leg is still checked against finite differences. Consecutive leaves
+  of the same shape and dtype are checked in chunks of up to four by one
+  compiled loop body, so they share that fate: when one of them reaches a
+  ``custom_vjp``, all show it skipped.
 
   The check is compiled once per function, argument shapes and settings, with
-  the key as an argument: calling it again with another key reuses it. Cost:
-  one gradient, plus per leaf ``num_directions`` forward-mode products and
-  ``4 * num_directions + 1`` evaluations of ``fn`` in one ``jax.vmap``-ed call,
-  so ``O(leaves * directions)`` evaluations, never ``O(parameters)``.
+  the key as an argument: calling it again with another key reuses it. Cost,
+  in evaluations of ``fn``: one value and gradient; per leaf
+  ``4 * num_directions`` values in one ``jax.vmap``-ed call and
+  ``num_directions`` forward-mode products; and one forward pass per chunk
+  for ``jax.linearize``. That is at most
+  ``1 + leaves * (5 * num_directions + 1)``, ``O(leaves * directions)``, never
+  ``O(parameters)``; only the part of ``fn`` that depends on the perturbed
+  leaf is batched over the points.
 
   Args:
     fn: the function; it returns an array or a pytree of arrays. It must be
@@ -626,8 +664,8 @@ def gradient_check(
   verdicts as :func:`check_gradients`, in the params' dtype). Other steps run
   the empty branch of a ``lax.cond``.
 
-  A check costs ``4 * num_directions + 1`` evaluations of ``value_fn`` per leaf
-  (batched with ``jax.vmap``), so keep ``every_k`` large for big models.
+  A check costs one evaluation of ``value_fn`` plus ``4 * num_directions`` per
+  leaf (batched with ``jax.vmap``), so keep ``every_k`` large for big models.
 
   Args:
     every_k: check every this many updates (>= 1).
@@ -691,7 +729,8 @@ def gradient_check(
     value_eps = [max(out_eps, _eps(jnp.promote_types(leaves[i].dtype, FLOAT32)))
                  for i in checked]
     m, _ = _measure_leaves(value_fn, leaves, treedef, grad_leaves, checked, step_key,
-                           int(num_directions), eps, fallback, FLOAT32, False)
+                           int(num_directions), eps, fallback, value_fn(params),
+                           FLOAT32, False)
     result = _judge(m, jnp.zeros(len(checked), jnp.bool_),
                     jnp.stack([jnp.asarray(r, FLOAT32) for r in rtols]),
                     jnp.asarray(value_eps, FLOAT32))
