@@ -3,8 +3,10 @@
 The reference selects each leaf's top 1% with ``jax.lax.top_k`` on the
 flattened magnitudes and scatters a mask (no error feedback). It is what one
 would write first, but on a sharded leaf it needs the whole leaf on one device;
-ours finds the threshold by bisection with scalar counts only (up to 31 passes
-over each leaf, plus up to 31 more to break ties at the threshold).
+ours finds the threshold with scalar counts only: one pass of max and sum of
+squares, then counting passes whose candidates interpolate the count (about 10
+on these Gaussian leaves, never more than 34), plus a bisection on the index
+(up to 31 passes) only when ties sit at the threshold.
 """
 
 from __future__ import annotations

@@ -69,7 +69,21 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
 
 
 def _count(mask: jax.Array) -> jax.Array:
+  """The number of true entries of ``mask``, as int32.
+
+  Up to 2**24 entries a float32 sum of ones and zeros is exact (every partial
+  sum is an integer no larger than the size) and XLA:CPU fuses it into a fast
+  reduction; an int32 sum of a mask is materialised first and runs about 1.3x
+  slower, so it is kept for the larger leaves only.
+  """
+  if mask.size <= 2**24:
+    return jnp.sum(jnp.where(mask, jnp.float32(1), jnp.float32(0))).astype(INT32)
   return jnp.sum(mask, dtype=INT32)
+
+
+def _count_if(active: jax.Array, mask_fn: Any) -> jax.Array:
+  # A leaf whose search has ended skips its pass over the data.
+  return jax.lax.cond(active, lambda: _count(mask_fn()), lambda: jnp.zeros((), INT32))
 
 
 # Jitted so that an eager caller compiles the two search loops once per set of
@@ -80,36 +94,68 @@ def _thresholds(xs: list[jax.Array], ks: jax.Array) -> tuple[jax.Array, jax.Arra
 
   Leaf ``i`` keeps the entries with magnitude above ``t[i]``, and those equal
   to it whose flat index is below ``j[i]``: exactly ``ks[i]`` entries.
-  Only scalar counts are reduced over each leaf, never a sort or a gather.
+  Only scalars are reduced over each leaf, never a sort or a gather.
   """
+  n = len(xs)
   sizes = jnp.array([x.size for x in xs], INT32)
   big = jnp.uint32(2**31)  # above every |x| bit pattern, NaN included
 
-  # Bisection on the bit patterns: count(bits >= lo) >= k > count(bits >= hi).
-  # It stops early once count(bits >= lo) == k: that threshold has no ties.
+  # One pass of float reductions (max |x| and the sum of squares) bounds the
+  # search and seeds its first guess. The bound is used only when every entry
+  # is finite (the sum of squares says so); 0x00800000, the smallest normal
+  # float, keeps it above denormals that a max may flush to zero.
+  max_abs = jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in xs])
+  squares = jnp.stack([jnp.sum(x * x) for x in xs])
+  finite = jnp.isfinite(squares)
+  hi = jnp.where(finite, jnp.maximum(_magnitude_bits(max_abs) + 1, jnp.uint32(0x00800000)),
+                 big)
+  # First guess: the magnitude above which a Gaussian of the same RMS has
+  # the fraction k / size of its entries.
+  tail = ks.astype(FLOAT32) / jnp.maximum(sizes, 1).astype(FLOAT32)
+  z = jax.scipy.special.ndtri(jnp.clip(1.0 - 0.5 * tail, 0.5, 1.0))
+  rms = jnp.sqrt(squares / jnp.maximum(sizes, 1).astype(FLOAT32))
+  guess = jnp.where(finite, _magnitude_bits(rms * z), jnp.uint32(0))
+
+  # Search on the bit patterns, keeping count(bits >= lo) >= k > count(bits >= hi);
+  # it stops once count(bits >= lo) == k (that threshold has no ties) or hi = lo + 1.
+  # Each step counts at one candidate: the point where log(count) interpolated
+  # linearly between lo and hi reaches log(k), or the midpoint when that guess
+  # falls outside the bracket, when the previous guess failed to halve it, or
+  # when the bracket is wider than 2**(33 - step): at most three passes more than
+  # plain bisection, usually far fewer (about 10 instead of 21 on Gaussian leaves).
   def value_done(lo, hi, count_lo):
     return (count_lo == ks) | (hi - lo <= 1)
 
   def value_step(carry):
-    lo, hi, count_lo, count_hi = carry
-    mid = lo + (hi - lo) // 2
-    count_mid = jnp.stack([_count(_magnitude_bits(x) >= mid[i])
-                           for i, x in enumerate(xs)])
+    step, lo, hi, count_lo, count_hi, guess, bisect = carry
+    width = hi - lo
+    too_wide = width.astype(FLOAT32) > jnp.exp2(33.0 - step.astype(FLOAT32))
+    use_mid = bisect | too_wide | (guess <= lo) | (guess >= hi)
+    cand = jnp.where(use_mid, lo + width // 2, guess)
     active = ~value_done(lo, hi, count_lo)
-    up = active & (count_mid >= ks)
-    down = active & (count_mid < ks)
-    return (jnp.where(up, mid, lo), jnp.where(down, mid, hi),
-            jnp.where(up, count_mid, count_lo), jnp.where(down, count_mid, count_hi))
+    count = jnp.stack([
+        _count_if(active[i], lambda x=x, i=i: _magnitude_bits(x) >= cand[i])
+        for i, x in enumerate(xs)])
+    up = active & (count >= ks)
+    down = active & (count < ks)
+    lo, count_lo = jnp.where(up, cand, lo), jnp.where(up, count, count_lo)
+    hi, count_hi = jnp.where(down, cand, hi), jnp.where(down, count, count_hi)
+    new_width = hi - lo
+    bisect = active & ~use_mid & (new_width > width // 2)
+    log_lo = jnp.log(count_lo.astype(FLOAT32) + 0.5)
+    log_hi = jnp.log(count_hi.astype(FLOAT32) + 0.5)
+    share = (log_lo - jnp.log(ks.astype(FLOAT32) + 0.5)) / (log_lo - log_hi)
+    guess = lo + (jnp.clip(share, 0.0, 1.0) * new_width.astype(FLOAT32)).astype(UINT32)
+    return step + 1, lo, hi, count_lo, count_hi, guess, bisect
 
-  n = len(xs)
-  lo, hi, count_lo, count_hi = jax.lax.while_loop(
-      lambda c: ~jnp.all(value_done(c[0], c[1], c[2])), value_step,
-      (jnp.zeros(n, UINT32), jnp.full(n, big, UINT32), sizes,
-       jnp.zeros(n, INT32)))
+  _, lo, hi, count_lo, count_hi, _, _ = jax.lax.while_loop(
+      lambda c: ~jnp.all(value_done(c[1], c[2], c[3])), value_step,
+      (jnp.zeros((), INT32), jnp.zeros(n, UINT32), hi, sizes, jnp.zeros(n, INT32),
+       guess, jnp.zeros(n, bool)))
 
   # Ties at the threshold: keep the first `need` of them in row-major order,
-  # the cut-off found by a second bisection on the flat index. Zero ties are
-  # left alone: keeping more zeros emits the same values.
+  # the cut-off found by a bisection on the flat index. Zero ties are left
+  # alone: keeping more zeros emits the same values.
   exact = count_lo == ks
   need = ks - count_hi
   ties = ~exact & (count_lo - count_hi > need) & (lo > 0)
@@ -119,10 +165,11 @@ def _thresholds(xs: list[jax.Array], ks: jax.Array) -> tuple[jax.Array, jax.Arra
     def step(carry):
       j_lo, j_hi = carry
       mid = j_lo + (j_hi - j_lo) // 2
-      counts = jnp.stack([
-          _count((_magnitude_bits(x) == lo[i]) & (_flat_index(x.shape) < mid[i]))
-          for i, x in enumerate(xs)])
       active = j_hi - j_lo > 1
+      counts = jnp.stack([
+          _count_if(active[i], lambda x=x, i=i: (_magnitude_bits(x) == lo[i])
+                    & (_flat_index(x.shape) < mid[i]))
+          for i, x in enumerate(xs)])
       enough = counts >= need
       return (jnp.where(active & ~enough, mid, j_lo),
               jnp.where(active & enough, mid, j_hi))
@@ -155,16 +202,19 @@ def truncate_top_k(
   up to float32 rounding; the rounding of a low-precision output is carried in
   the residual too).
 
-  Selection is exact and sort-free: the k-th largest magnitude is found by
-  bisection on the float32 bit patterns of :math:`|x|` (at most 31 passes
-  counting the entries above a candidate, stopping early once exactly k are
-  above), so each pass reduces a leaf to one integer: a sharded leaf is never
-  gathered (``lax.top_k`` would need the whole leaf on one device). Ties at
+  Selection is exact and sort-free: the k-th largest magnitude is searched
+  for on the float32 bit patterns of :math:`|x|`, each pass counting the
+  entries above one candidate, so each pass reduces a leaf to one integer: a
+  sharded leaf is never gathered (``lax.top_k`` would need the whole leaf on
+  one device). A first pass (max and sum of squares) bounds the search and
+  guesses the threshold; later candidates interpolate the log of the count,
+  falling back to bisection when that is slow, so a typical leaf takes about
+  10 passes instead of bisection's 21 to 31, and never more than 34. Ties at
   the threshold are broken towards the lower row-major index, found by a
-  second bisection that runs only when such ties exist, so exactly k entries
-  are emitted (when fewer than k entries are non-zero the extra kept entries
-  are zeros, which emit the same values). A NaN entry counts as the largest
-  and is emitted, so it stays visible.
+  bisection on the index that runs only when such ties exist, so exactly k
+  entries are emitted (when fewer than k entries are non-zero the extra kept
+  entries are zeros, which emit the same values). A NaN entry counts as the
+  largest and is emitted, so it stays visible.
 
   Args:
     fraction: the fraction of each leaf's entries to keep, in (0, 1].
@@ -226,12 +276,16 @@ def truncate_top_k(
       bits = _magnitude_bits(x)
       keep = (bits > lo[i]) | ((bits == lo[i]) & (_flat_index(x.shape) < cut[i]))
       out = jnp.where(keep, x, 0.0).astype(g.dtype)
-      # A kept entry leaves behind only the rounding of a low-precision
-      # output, which must be finite: an inf is emitted once, not carried.
-      rounding = x - out.astype(FLOAT32)
-      rounding = jnp.where(jnp.isfinite(rounding), rounding, 0.0)
+      if g.dtype == FLOAT32:
+        left = jnp.where(keep, 0.0, x)
+      else:
+        # A kept entry leaves behind only the rounding of a low-precision
+        # output, which must be finite: an inf is emitted once, not carried.
+        rounding = x - out.astype(FLOAT32)
+        rounding = jnp.where(jnp.isfinite(rounding), rounding, 0.0)
+        left = jnp.where(keep, rounding, x)
       outs.append(out)
-      dropped.append(jnp.where(keep, rounding, x))
+      dropped.append(left)
       i += 1
     dropped_tree = jax.tree.unflatten(treedef, dropped)
     residual = None
