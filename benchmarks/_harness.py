@@ -111,6 +111,28 @@ def update_call(tx: optax.GradientTransformation, grads: Any,
   return lambda: update(grads, state, params, **extra)
 
 
+def train_step_call(tx: optax.GradientTransformation, grads: Any,
+                    steps: int = 1) -> Callable[[], Any]:
+  """``steps`` calls of a jitted training step that donates params and state.
+
+  The step applies the updates to the params, as training does, and the
+  state is carried from call to call (a donated buffer cannot be reused).
+  """
+  def step(params, grads, state):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 2))
+  carry = {"params": jax.tree.map(jnp.copy, grads),
+           "state": jax.tree.map(jnp.copy, tx.init(grads))}
+
+  def call():
+    for _ in range(steps):
+      carry["params"], carry["state"] = step(carry["params"], grads, carry["state"])
+    return carry["params"]
+  return call
+
+
 def floor_call(tree: Any) -> Callable[[], Any]:
   """The memory-bound floor: read every entry once and write it once."""
   negate = jax.jit(lambda t: jax.tree.map(jnp.negative, t))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import _harness
@@ -52,6 +53,37 @@ def _memory(tx: Any, grads: Any, donate: bool = False) -> int:
   return memory.argument_size_in_bytes + memory.temp_size_in_bytes
 
 
+def _donated_steps(ours: Any, ref: Any, grads: Any, cycles: int = 11
+                   ) -> tuple[tuple[float, float], tuple[float, float]]:
+  """Median (ours, ref) times of a micro-step and of a boundary step, each
+  call timed inside a training step that donates params and state (the state
+  is carried, so each call sits at its place in the cycle)."""
+  import statistics
+  import time
+
+  def make(tx):
+    def step(params, grads, state):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    return jax.jit(step, donate_argnums=(0, 2))
+
+  steps = [make(ours), make(ref)]
+  carry = [[jax.tree.map(jnp.copy, grads), jax.tree.map(jnp.copy, tx.init(grads))]
+           for tx in (ours, ref)]
+  times = [([], []), ([], [])]
+  for cycle in range(cycles + 1):
+    for which in (0, 1):
+      for position in range(EVERY_K):
+        start = time.perf_counter()
+        carry[which] = list(steps[which](carry[which][0], grads, carry[which][1]))
+        jax.block_until_ready(carry[which])
+        if cycle:  # the first cycle compiles and warms up
+          times[which][position == EVERY_K - 1].append(time.perf_counter() - start)
+  micro = tuple(statistics.median(times[w][0]) for w in (0, 1))
+  boundary = tuple(statistics.median(times[w][1]) for w in (0, 1))
+  return micro, boundary
+
+
 def rows(sizes: list[int]) -> list[_harness.Row]:
   out = []
   for size in sizes:
@@ -77,4 +109,11 @@ def rows(sizes: list[int]) -> list[_harness.Row]:
                             "MultiSteps(adam)", micro_ref, floor, note))
     out.append(_harness.Row("accumulate(adam) boundary", entries, bound_ours,
                             "MultiSteps(adam)", bound_ref, floor, note))
+    micro, boundary = _donated_steps(ours, ref, grads)
+    note_step = "inside a training step that donates params and state"
+    out.append(_harness.Row("accumulate(adam) micro-step, donated step", entries,
+                            micro[0], "MultiSteps(adam)", micro[1], floor, note_step))
+    out.append(_harness.Row("accumulate(adam) boundary, donated step", entries,
+                            boundary[0], "MultiSteps(adam)", boundary[1], floor,
+                            note_step))
   return out

@@ -42,7 +42,15 @@ def rows(sizes: list[int]) -> list[_harness.Row]:
                             "adam", reference, floor))
     out.append(_harness.Row(
         "skip_spikes(adam) skipped", entries, skipped, "adam", reference, floor,
-        "NaN step: zeros out, Adam state written back unchanged"))
+        "NaN step: zeros out, Adam state passed through"))
+    ours_step, adam_step = _harness.time_interleaved([
+        _harness.train_step_call(ours, grads),
+        _harness.train_step_call(adam, grads),
+    ], rounds=21)
+    out.append(_harness.Row(
+        "skip_spikes(adam) donated train step", entries, ours_step,
+        "adam train step", adam_step, floor,
+        "params and state donated; updates applied"))
   return out
 
 

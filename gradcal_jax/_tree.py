@@ -71,29 +71,6 @@ def leaf_norms(tree: Any) -> Any:
       lambda x: leaf_norm(x) if is_float(x) else jnp.zeros((), FLOAT32), tree)
 
 
-def fresh(tree: Any) -> Any:
-  """``tree`` unchanged, but written to new buffers: for a ``lax.cond`` branch.
-
-  A branch that returns its operand as is makes XLA copy that operand before
-  the ``cond`` (an output may not alias an input that is not donated), and so
-  on every call, whichever branch runs. Multiplying by a one that XLA cannot
-  see through moves that write into the branch that passes the tree on, and
-  leaves the other branch free of copies. Exact for every value (``nan``,
-  ``inf`` and ``-0.0`` included) on real, integer and boolean leaves; other
-  leaves (typed PRNG keys, and complex ones, where ``inf * (1 + 0j)`` is not
-  ``inf``) are returned as they are, and XLA copies them as before.
-  """
-  one = jax.lax.optimization_barrier(jnp.ones((), jnp.int32))
-
-  def write(x):
-    real = hasattr(x, "dtype") and any(
-        jnp.issubdtype(x.dtype, kind)
-        for kind in (jnp.floating, jnp.integer, jnp.bool_))
-    return x * one.astype(x.dtype) if real else x
-
-  return jax.tree.map(write, tree)
-
-
 def count_nonfinite(tree: Any) -> jax.Array:
   """The number of non-finite entries over all floating leaves (int32)."""
   counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in float_leaves(tree)]

@@ -172,13 +172,17 @@ def accumulate(
 
     def hold(operands):
       # Between boundaries, and at a boundary with nothing accumulated, the
-      # inner state is passed on, written afresh here so that the boundary
-      # branch needs no copy of it (see `_tree.fresh`). The cast is a no-op
-      # except where the inner state's own dtype changes on its first update
-      # (optax.adam's moments of an integer leaf).
+      # inner state passes through as is, so a training step that donates its
+      # state updates it in place with no copy (without donation, XLA copies
+      # it: an output may not alias an input that is not donated). The cast
+      # is a no-op except where the inner state's own dtype changes on its
+      # first update (optax.adam's moments of an integer leaf).
       _, inner_state, _ = operands
       return (optax.tree.zeros_like(shapes),
-              optax.tree.cast_like(_tree.fresh(inner_state), inner_shapes))
+              optax.tree.cast_like(inner_state, inner_shapes))
+
+    # `run` as the true branch: in the other order XLA:CPU copies the inner
+    # state after the cond even when it is donated (measured).
 
     new_updates, inner_state = jax.lax.cond(run_inner, run, hold, operands)
     return new_updates, AccumulateState(

@@ -407,15 +407,18 @@ def skip_spikes(
     shapes, state_shapes = jax.eval_shape(run, operands)
 
     def hold(operands):
-      # Nothing gradient-sized is computed here but the zero updates and the
-      # inner state passed on, written afresh here so that the accepted path
-      # needs no copy of it (see `_tree.fresh`). The cast is a no-op except
-      # where the inner state's own dtype changes on its first update
-      # (optax.adam's moments of an integer leaf).
+      # Nothing gradient-sized is computed here but the zero updates; the
+      # inner state passes through as is, so a training step that donates its
+      # state updates it in place with no copy (without donation, XLA copies
+      # it: an output may not alias an input that is not donated). The cast
+      # is a no-op except where the inner state's own dtype changes on its
+      # first update (optax.adam's moments of an integer leaf).
       return (optax.tree.zeros_like(shapes),
-              optax.tree.cast_like(_tree.fresh(operands[1]), state_shapes))
+              optax.tree.cast_like(operands[1], state_shapes))
 
-    new_updates, inner_state = jax.lax.cond(skip, hold, run, operands)
+    # `run` as the true branch: in the other order XLA:CPU copies the inner
+    # state after the cond even when it is donated (measured).
+    new_updates, inner_state = jax.lax.cond(~skip, run, hold, operands)
     accept = ~skip
     norms, norm_count = _record(state.norms, state.norm_count, norm, accept)
     losses, loss_count = state.losses, state.loss_count
