@@ -750,24 +750,28 @@ def gradient_check(
       raise ValueError(
           "gradient_check needs the loss: call update(grads, state, params, "
           "value_fn=lambda p: loss(p, batch)).")
-    step_key = jax.random.fold_in(base_key, state.count)
+    counters = (state.steps_checked, state.failures, state.unreliable,
+                state.worst_error, state.worst_leaf)
 
-    def skip(_: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-      return (jnp.zeros((), FLOAT32), jnp.full((), -1, jnp.int32),
-              jnp.full((), -1, jnp.int32))
+    def run(counters: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+      # Everything a check costs, the key derivation and the counters
+      # included, stays in this branch: an off step runs a compare and an
+      # empty branch.
+      steps_checked, failures, unreliable, worst_error, worst_leaf = counters
+      step_key = jax.random.fold_in(base_key, state.count)
+      error, leaf, severity = check(updates, params, value_fn, step_key)
+      new_worst = error > worst_error
+      return (steps_checked + 1,
+              failures + (severity >= 2).astype(jnp.int32),
+              unreliable + (severity == 1).astype(jnp.int32),
+              jnp.where(new_worst, error, worst_error).astype(FLOAT32),
+              jnp.where(new_worst, leaf, worst_leaf).astype(jnp.int32))
 
-    due = state.count % every_k == 0
-    error, leaf, severity = jax.lax.cond(
-        due, lambda _: check(updates, params, value_fn, step_key), skip, None)
-    failed = severity >= 2
-    new_worst = error > state.worst_error
-    one = jnp.ones((), jnp.int32)
+    steps_checked, failures, unreliable, worst_error, worst_leaf = jax.lax.cond(
+        state.count % every_k == 0, run, lambda counters: counters, counters)
     return updates, GradientCheckState(
-        count=optax.safe_increment(state.count),
-        steps_checked=state.steps_checked + jnp.where(due, one, 0),
-        failures=state.failures + jnp.where(failed, one, 0),
-        unreliable=state.unreliable + jnp.where(severity == 1, one, 0),
-        worst_error=jnp.where(new_worst, error, state.worst_error).astype(FLOAT32),
-        worst_leaf=jnp.where(new_worst, leaf, state.worst_leaf).astype(jnp.int32))
+        count=optax.safe_increment(state.count), steps_checked=steps_checked,
+        failures=failures, unreliable=unreliable, worst_error=worst_error,
+        worst_leaf=worst_leaf)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
