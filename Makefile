@@ -19,8 +19,12 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python -m gradcal_jax
 
+# The notebooks run in a second, serial pytest: two Jupyter kernels starting
+# at once on pytest-xdist workers can race for the same ZMQ port (seen in CI:
+# "Address already in use", kernel died).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(JOBS) tests --doctest-modules gradcal_jax --nbmake notebooks
+	$(BIN)/python -m pytest -q -n $(JOBS) tests --doctest-modules gradcal_jax
+	$(BIN)/python -m pytest -q --nbmake notebooks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
