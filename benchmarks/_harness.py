@@ -69,19 +69,6 @@ def entries(tree: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
-def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 15,
-            warmup: int = 3, **kwargs: Any) -> float:
-  """Median wall time (s) of ``fn(*args, **kwargs)``, results blocked on."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args, **kwargs))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args, **kwargs))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def time_interleaved(calls: list[Callable[[], Any]], rounds: int = 15,
                      warmup: int = 3) -> list[float]:
   """Median wall times (s) of several calls, measured in alternation.
@@ -111,18 +98,20 @@ def update_call(tx: optax.GradientTransformation, grads: Any,
   return lambda: update(grads, state, params, **extra)
 
 
-def train_step_call(tx: optax.GradientTransformation, grads: Any,
-                    steps: int = 1) -> Callable[[], Any]:
-  """``steps`` calls of a jitted training step that donates params and state.
-
-  The step applies the updates to the params, as training does, and the
-  state is carried from call to call (a donated buffer cannot be reused).
-  """
+def train_step(tx: optax.GradientTransformation) -> Callable[..., Any]:
+  """A jitted training step ``(params, grads, state) -> (params, state)`` that
+  applies ``tx``'s updates and donates params and state, as training does."""
   def step(params, grads, state):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 2))
 
-  step = jax.jit(step, donate_argnums=(0, 2))
+
+def train_step_call(tx: optax.GradientTransformation, grads: Any,
+                    steps: int = 1) -> Callable[[], Any]:
+  """``steps`` calls of :func:`train_step`, the state carried from call to
+  call (a donated buffer cannot be reused)."""
+  step = train_step(tx)
   carry = {"params": jax.tree.map(jnp.copy, grads),
            "state": jax.tree.map(jnp.copy, tx.init(grads))}
 
@@ -137,13 +126,6 @@ def floor_call(tree: Any) -> Callable[[], Any]:
   """The memory-bound floor: read every entry once and write it once."""
   negate = jax.jit(lambda t: jax.tree.map(jnp.negative, t))
   return lambda: negate(tree)
-
-
-def time_update(tx: optax.GradientTransformation, grads: Any,
-                params: Any = None, repeats: int = 15, **extra: Any) -> float:
-  """Median time (s) of one jitted ``tx.update`` from its initial state."""
-  return time_interleaved([update_call(tx, grads, params, **extra)],
-                          rounds=repeats)[0]
 
 
 def time_floor(tree: Any, repeats: int = 15) -> float:

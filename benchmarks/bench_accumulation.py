@@ -13,6 +13,8 @@ temporary bytes, from ``memory_analysis``) of ours over ``MultiSteps``'s.
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any
 
 import jax
@@ -44,11 +46,7 @@ def _memory(tx: Any, grads: Any, donate: bool = False) -> int:
   if not donate:
     compiled = jax.jit(tx.update).lower(grads, tx.init(grads)).compile()
   else:
-    def step(params, grads, state):
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-    compiled = jax.jit(step, donate_argnums=(0, 2)).lower(
-        grads, grads, tx.init(grads)).compile()
+    compiled = _harness.train_step(tx).lower(grads, grads, tx.init(grads)).compile()
   memory = compiled.memory_analysis()
   return memory.argument_size_in_bytes + memory.temp_size_in_bytes
 
@@ -58,16 +56,7 @@ def _donated_steps(ours: Any, ref: Any, grads: Any, cycles: int = 11
   """Median (ours, ref) times of a micro-step and of a boundary step, each
   call timed inside a training step that donates params and state (the state
   is carried, so each call sits at its place in the cycle)."""
-  import statistics
-  import time
-
-  def make(tx):
-    def step(params, grads, state):
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-    return jax.jit(step, donate_argnums=(0, 2))
-
-  steps = [make(ours), make(ref)]
+  steps = [_harness.train_step(ours), _harness.train_step(ref)]
   carry = [[jax.tree.map(jnp.copy, grads), jax.tree.map(jnp.copy, tx.init(grads))]
            for tx in (ours, ref)]
   times = [([], []), ([], [])]
@@ -90,8 +79,8 @@ def rows(sizes: list[int]) -> list[_harness.Row]:
     grads = _harness.make_tree(size)
     ours = gc.accumulate(optax.adam(1e-3), every_k=EVERY_K)
     ref = optax.MultiSteps(optax.adam(1e-3), every_k_schedule=EVERY_K)
-    memory = _memory(ours, grads) / _memory(ref, grads)
-    excess = _memory(ours, grads) - _memory(ref, grads)
+    mine, theirs = _memory(ours, grads), _memory(ref, grads)
+    memory, excess = mine / theirs, mine - theirs
     donated = _memory(ours, grads, True) / _memory(ref, grads, True)
     note = (f"every_k={EVERY_K}; memory ours/MultiSteps {memory:.5f} "
             f"({excess:+,} bytes); donated train step {donated:.5f}")

@@ -124,13 +124,12 @@ def _train_step_row(widths: list[int]) -> _harness.Row:
   # off-schedule: count = 1.
   _, state_checked = step_checked(params, checked.init(params))
   _, state_plain = step_plain(params, plain.init(params))
-  ours, ref = [], []
-  for _ in range(5):  # interleaved, so load changes hit both alike
-    ours.append(_harness.time_fn(step_checked, params, state_checked, repeats=20))
-    ref.append(_harness.time_fn(step_plain, params, state_plain, repeats=20))
+  ours, ref = _harness.time_interleaved([
+      lambda: step_checked(params, state_checked),
+      lambda: step_plain(params, state_plain)], rounds=100)
   return _harness.Row(
       "gradient_check off-step (Flax MLP train step)", _harness.entries(params),
-      float(np.median(ours)), "same step, no check", float(np.median(ref)),
+      ours, "same step, no check", ref,
       _harness.time_floor(params), note="lax.cond skips the check; target ratio <= 1.01")
 
 
