@@ -136,16 +136,34 @@ def _rms(leaves: list[jax.Array], dtype: Any) -> jax.Array:
   return jnp.where(rms > 0, rms, jnp.ones((), dtype))
 
 
+def _over(fn: Callable[[Any], Any], xs: Any, batched: bool) -> Any:
+  """``fn`` over the leading axis of ``xs``: ``jax.vmap`` when ``batched``,
+  else ``lax.map``, one call after the other, whose temporaries are those of
+  a single call."""
+  return jax.vmap(fn)(xs) if batched else jax.lax.map(fn, xs)
+
+
 def _finite_differences(phi: Callable[[jax.Array], jax.Array], leaf: jax.Array,
-                        v: jax.Array, t: jax.Array, dtype: Any) -> jax.Array:
-  """``phi`` at ``x + a t v`` for every offset ``a`` and direction, in one batched call.
+                        v: jax.Array, t: jax.Array, dtype: Any,
+                        batched: bool) -> jax.Array:
+  """``phi`` at ``x + a t v`` for every offset ``a`` and direction.
 
   Returns an array of shape ``(directions, len(_OFFSETS))``; the centre value
   is the same for every leaf and is evaluated once, by the caller.
   """
+  offsets = jnp.asarray(_OFFSETS, dtype) * t
+  if not batched:
+    # Each point is made inside the loop body: one leaf-sized point at a time.
+    def at(a_d: tuple[jax.Array, jax.Array]) -> jax.Array:
+      a, d = a_d
+      return phi((leaf.astype(dtype) + a * v[d]).astype(leaf.dtype)).astype(dtype)
+    directions = v.shape[0]
+    values = jax.lax.map(at, (jnp.tile(offsets, directions),
+                              jnp.repeat(jnp.arange(directions), len(_OFFSETS))))
+    return values.reshape(directions, len(_OFFSETS))
   ones = (1,) * leaf.ndim
-  offsets = (jnp.asarray(_OFFSETS, dtype) * t).reshape((1, len(_OFFSETS)) + ones)
-  points = leaf.astype(dtype)[None, None] + offsets * v[:, None]
+  points = (leaf.astype(dtype)[None, None]
+            + offsets.reshape((1, len(_OFFSETS)) + ones) * v[:, None])
   points = points.reshape((-1,) + leaf.shape).astype(leaf.dtype)
   values = jax.vmap(phi)(points).astype(dtype)
   return values.reshape(v.shape[0], len(_OFFSETS))
@@ -233,7 +251,7 @@ def _chunks(members: list[int], size: int, points: int) -> list[list[int]]:
 def _measure_leaves(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef: Any,
                     grads: list[Any], checked: list[int], key: jax.Array,
                     num_directions: int, eps: list[float], fallback: jax.Array,
-                    f0: jax.Array, wide: Any, forward: bool
+                    f0: jax.Array, wide: Any, forward: bool, batched: bool
                     ) -> tuple[_Measured, list[bool]]:
   """Measures every checked leaf; returns them stacked in ``checked`` order.
 
@@ -249,9 +267,15 @@ def _measure_leaves(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef:
   are computed per member. Whole groups in one body would batch every layer
   of a deep model at every point, and one body per leaf would compile ``phi``
   once per leaf. The chunks are small enough that ``4 * directions`` copies
-  of one stay within ``_CHUNK_ENTRIES`` entries. Each chunk draws its
-  directions in one call shaped like its leaves, so a sharded leaf's
+  of one stay within ``_CHUNK_ENTRIES`` entries. Each member draws its
+  directions in one call shaped like its leaf, so a sharded leaf's
   directions are generated where its shards live.
+
+  With ``batched=False`` the points (and directions) of a member are evaluated
+  one after the other by ``lax.map`` rather than ``jax.vmap``: slower, but the
+  temporaries are those of one evaluation of ``phi``. ``gradient_check`` needs
+  that: the temporaries of the check branch are allocated with the training
+  step's on every step, checking or not.
   """
   groups: dict[tuple[Any, ...], list[int]] = {}
   for n, i in enumerate(checked):
@@ -266,25 +290,37 @@ def _measure_leaves(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef:
       new[i] = y
     return treedef.unflatten(new)
 
-  def body(idx: list[int], leaf_eps: float, k: jax.Array, v: jax.Array, g: jax.Array,
+  def pick(k: jax.Array, xs: list[jax.Array]) -> jax.Array:
+    # Member k of a chunk by a select per member, not a gather from a stack:
+    # it fuses into its use and copies no leaf.
+    out = xs[-1]
+    for j in range(len(xs) - 2, -1, -1):
+      out = jnp.where(k == j, xs[j], out)
+    return out
+
+  def body(idx: list[int], leaf_eps: float, k: jax.Array, chunk_key: jax.Array,
            linear: Callable[..., jax.Array] | None) -> _Measured:
-    leaf = jnp.stack([leaves[i] for i in idx])[k]
+    leaf = pick(k, [leaves[i] for i in idx])
     dtype = jnp.promote_types(leaf.dtype, wide)
     # Member k perturbed, the others as they are. A select per member, not a
     # scatter into a stack: each stays one op fused next to its use under vmap.
     phi_k = lambda y: phi(replaced(idx, [jnp.where(k == j, y, leaves[i])
                                          for j, i in enumerate(idx)]))
+    # Uniform entries in [-1, 1]: normalized, a random direction whose law is
+    # continuous, so a bug never cancels out exactly (as random signs can).
+    v = jax.random.uniform(jax.random.fold_in(chunk_key, k),
+                           (num_directions,) + leaf.shape, wide, -1.0, 1.0)
     v = _unit(v.astype(dtype))
     t = _step(leaf, fallback.astype(dtype), dtype, leaf_eps)
     fwd = None
     if linear is not None:
-      fwd = jax.vmap(lambda d: linear(*[
+      fwd = _over(lambda d: linear(*[
           jnp.where(k == j, d.astype(leaf.dtype), jnp.zeros_like(leaves[i]))
-          for j, i in enumerate(idx)]))(v)
-    f = _finite_differences(phi_k, leaf, v, t, dtype)
-    return _measure(g, v, fwd, f0, f, t, dtype)
+          for j, i in enumerate(idx)]), v, batched)
+    f = _finite_differences(phi_k, leaf, v, t, dtype, batched)
+    return _measure(pick(k, [grads[i] for i in idx]), v, fwd, f0, f, t, dtype)
 
-  def run(idx: list[int], leaf_eps: float, v: jax.Array, g: jax.Array,
+  def run(idx: list[int], leaf_eps: float, chunk_key: jax.Array,
           with_forward: bool) -> _Measured:
     linear = None
     if with_forward:
@@ -292,25 +328,20 @@ def _measure_leaves(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef:
       # the members, and only the tangents are computed per member.
       _, linear = jax.linearize(lambda *ys: phi(replaced(idx, ys)),
                                 *[leaves[i] for i in idx])
-    return jax.lax.map(lambda a: body(idx, leaf_eps, a[0], a[1], a[2], linear),
-                       (jnp.arange(len(idx)), v, g))
+    return jax.lax.map(lambda k: body(idx, leaf_eps, k, chunk_key, linear),
+                       jnp.arange(len(idx)))
 
   parts, order = [], []
   has_forward = [False] * len(checked)
   for number, members in enumerate(chunks):
     idx = [checked[n] for n in members]
-    # Uniform entries in [-1, 1]: normalized, a random direction whose law is
-    # continuous, so a bug never cancels out exactly (as random signs can).
-    v = jax.random.uniform(jax.random.fold_in(key, number),
-                           (len(idx), num_directions) + leaves[idx[0]].shape,
-                           wide, -1.0, 1.0)
-    g = jnp.stack([grads[i] for i in idx])
+    chunk_key = jax.random.fold_in(key, number)
     try:
-      measured, ok = run(idx, eps[members[0]], v, g, forward), forward
+      measured, ok = run(idx, eps[members[0]], chunk_key, forward), forward
     except TypeError as e:  # jax.jvp refuses custom_vjp functions
       if not _is_custom_vjp_error(e):
         raise
-      measured, ok = run(idx, eps[members[0]], v, g, False), False
+      measured, ok = run(idx, eps[members[0]], chunk_key, False), False
     parts.append(jax.tree.map(
         lambda a: a if a.dtype == jnp.bool_ else a.astype(wide), measured))
     order += members
@@ -498,7 +529,8 @@ def _check(dynamic: list[jax.Array], key: jax.Array, *, fn: Callable[..., Any],
   rtols = [_default_rtol(e) if rtol is None else rtol for e in eps]
   value_eps = [max(out_eps, _eps(eval_dtype(leaves[i].dtype))) for i in checked]
   m, has_forward = _measure_leaves(phi, leaves, treedef_x, grads, checked, dir_key,
-                                   num_directions, eps, fallback, f0, wide, True)
+                                   num_directions, eps, fallback, f0, wide, True,
+                                   batched=True)
   check = _judge(m, jnp.asarray(has_forward), jnp.asarray(rtols, wide),
                  jnp.asarray(value_eps, wide))
   return {**check._asdict(), "has_forward": jnp.asarray(has_forward),
@@ -665,7 +697,11 @@ def gradient_check(
   the empty branch of a ``lax.cond``.
 
   A check costs one evaluation of ``value_fn`` plus ``4 * num_directions`` per
-  leaf (batched with ``jax.vmap``), so keep ``every_k`` large for big models.
+  leaf, so keep ``every_k`` large for big models. They run one after the other
+  (``lax.map``), not batched: the check branch's temporaries are those of one
+  evaluation of ``value_fn``, and since XLA allocates them with the training
+  step's on every step, a batched check would make every step, checking or
+  not, heavier in memory and slower.
 
   Args:
     every_k: check every this many updates (>= 1).
@@ -730,7 +766,7 @@ def gradient_check(
                  for i in checked]
     m, _ = _measure_leaves(value_fn, leaves, treedef, grad_leaves, checked, step_key,
                            int(num_directions), eps, fallback, value_fn(params),
-                           FLOAT32, False)
+                           FLOAT32, False, batched=False)
     result = _judge(m, jnp.zeros(len(checked), jnp.bool_),
                     jnp.stack([jnp.asarray(r, FLOAT32) for r in rtols]),
                     jnp.asarray(value_eps, FLOAT32))
@@ -750,28 +786,29 @@ def gradient_check(
       raise ValueError(
           "gradient_check needs the loss: call update(grads, state, params, "
           "value_fn=lambda p: loss(p, batch)).")
-    counters = (state.steps_checked, state.failures, state.unreliable,
-                state.worst_error, state.worst_leaf)
+    checking = state.count % every_k == 0
 
-    def run(counters: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-      # Everything a check costs, the key derivation and the counters
-      # included, stays in this branch: an off step runs a compare and an
-      # empty branch.
-      steps_checked, failures, unreliable, worst_error, worst_leaf = counters
+    def run() -> jax.Array:
+      # Everything a check costs, the key derivation included, stays in this
+      # branch. Its result is one small array, and the counters are updated
+      # outside: a cond with fewer operands and results costs an off step
+      # less (it is a per-buffer cost, measurable on a small CPU step).
       step_key = jax.random.fold_in(base_key, state.count)
       error, leaf, severity = check(updates, params, value_fn, step_key)
-      new_worst = error > worst_error
-      return (steps_checked + 1,
-              failures + (severity >= 2).astype(jnp.int32),
-              unreliable + (severity == 1).astype(jnp.int32),
-              jnp.where(new_worst, error, worst_error).astype(FLOAT32),
-              jnp.where(new_worst, leaf, worst_leaf).astype(jnp.int32))
+      return jnp.stack([error, leaf.astype(FLOAT32), severity.astype(FLOAT32)])
 
-    steps_checked, failures, unreliable, worst_error, worst_leaf = jax.lax.cond(
-        state.count % every_k == 0, run, lambda counters: counters, counters)
+    def hold() -> jax.Array:
+      return jnp.asarray([0.0, -1.0, 0.0], FLOAT32)
+
+    result = jax.lax.cond(checking, run, hold)
+    error, leaf, severity = result[0], result[1].astype(jnp.int32), result[2]
+    new_worst = error > state.worst_error
     return updates, GradientCheckState(
-        count=optax.safe_increment(state.count), steps_checked=steps_checked,
-        failures=failures, unreliable=unreliable, worst_error=worst_error,
-        worst_leaf=worst_leaf)
+        count=optax.safe_increment(state.count),
+        steps_checked=state.steps_checked + checking.astype(jnp.int32),
+        failures=state.failures + (severity >= 2).astype(jnp.int32),
+        unreliable=state.unreliable + (severity == 1).astype(jnp.int32),
+        worst_error=jnp.where(new_worst, error, state.worst_error),
+        worst_leaf=jnp.where(new_worst, leaf, state.worst_leaf))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -455,6 +455,35 @@ def test_gradient_check_skips_work_off_schedule():
   assert "conditional" in hlo or "stablehlo.case" in hlo
 
 
+def test_gradient_check_adds_one_evaluation_of_temporaries_to_the_step():
+  # XLA allocates a cond's branch temporaries with the step's, on every step.
+  # Batched over its 4 * num_directions points, the check would hold that many
+  # copies of the activations (32 MB here with 8 directions); one point at a
+  # time, about one forward pass's worth (1 MB of hidden activations).
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4096, 16)), jnp.float32)
+  params = {"w1": jnp.asarray(rng.standard_normal((16, 64)), jnp.float32),
+            "w2": jnp.asarray(rng.standard_normal((64, 1)), jnp.float32)}
+
+  def loss(p):
+    return jnp.mean(jnp.tanh(x @ p["w1"]) @ p["w2"])
+
+  def temp_bytes(first):
+    tx = optax.chain(first, optax.sgd(0.1))
+
+    def step(p, s):
+      updates, s = tx.update(jax.grad(loss)(p), s, p, value_fn=loss)
+      return optax.apply_updates(p, updates), s
+    compiled = jax.jit(step).lower(params, tx.init(params)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  plain = temp_bytes(optax.identity())
+  activations = 4096 * 64 * 4
+  for directions in (1, 8):
+    checked = temp_bytes(gc.gradient_check(every_k=10, num_directions=directions))
+    assert checked <= plain + 3 * activations, (directions, plain, checked)
+
+
 def test_report_shows_gradient_check_stats():
   tx = optax.chain(gc.gradient_check(every_k=1), optax.sgd(0.1))
   params = {"w": jnp.ones(3)}
