@@ -136,13 +136,6 @@ def _rms(leaves: list[jax.Array], dtype: Any) -> jax.Array:
   return jnp.where(rms > 0, rms, jnp.ones((), dtype))
 
 
-def _over(fn: Callable[[Any], Any], xs: Any, batched: bool) -> Any:
-  """``fn`` over the leading axis of ``xs``: ``jax.vmap`` when ``batched``,
-  else ``lax.map``, one call after the other, whose temporaries are those of
-  a single call."""
-  return jax.vmap(fn)(xs) if batched else jax.lax.map(fn, xs)
-
-
 def _finite_differences(phi: Callable[[jax.Array], jax.Array], leaf: jax.Array,
                         v: jax.Array, t: jax.Array, dtype: Any,
                         batched: bool) -> jax.Array:
@@ -271,11 +264,12 @@ def _measure_leaves(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef:
   directions in one call shaped like its leaf, so a sharded leaf's
   directions are generated where its shards live.
 
-  With ``batched=False`` the points (and directions) of a member are evaluated
-  one after the other by ``lax.map`` rather than ``jax.vmap``: slower, but the
-  temporaries are those of one evaluation of ``phi``. ``gradient_check`` needs
-  that: the temporaries of the check branch are allocated with the training
-  step's on every step, checking or not.
+  With ``batched=False`` the points of a member are evaluated one after the
+  other by ``lax.map`` rather than ``jax.vmap``, so the temporaries are those
+  of one evaluation of ``phi``. ``gradient_check`` needs that (the temporaries
+  of its check branch are allocated with the training step's on every step,
+  checking or not); it has no forward leg, so the forward-mode products are
+  only ever batched.
   """
   groups: dict[tuple[Any, ...], list[int]] = {}
   for n, i in enumerate(checked):
@@ -315,9 +309,9 @@ def _measure_leaves(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef:
     t = _step(leaf, fallback.astype(dtype), dtype, leaf_eps)
     fwd = None
     if linear is not None:
-      fwd = _over(lambda d: linear(*[
+      fwd = jax.vmap(lambda d: linear(*[
           jnp.where(k == j, d.astype(leaf.dtype), jnp.zeros_like(leaves[i]))
-          for j, i in enumerate(idx)]), v, batched)
+          for j, i in enumerate(idx)]))(v)
     f = _finite_differences(phi_k, leaf, v, t, dtype, batched)
     return _measure(pick(k, [grads[i] for i in idx]), v, fwd, f0, f, t, dtype)
 

@@ -234,7 +234,7 @@ def test_stats_show_the_cycle():
   assert found["accumulate/weight"].dtype == jnp.float32
 
 
-def test_compiled_memory_is_no_larger_than_multisteps():
+def test_compiled_memory_exceeds_multisteps_only_by_the_cond_tables():
   params = {"w": jnp.zeros((256, 256)), "b": jnp.zeros(256)}
 
   def footprint(tx):
