@@ -484,6 +484,56 @@ def test_gradient_check_adds_one_evaluation_of_temporaries_to_the_step():
     assert checked <= plain + 3 * activations, (directions, plain, checked)
 
 
+def test_gradient_check_adds_no_parameter_copy_to_a_donated_step():
+  # A training step that donates params updates them in place. A check that
+  # read params after the update would make XLA copy every param on every
+  # step; the evaluation half runs first, so the step copies what the plain
+  # step copies (the kernels the backward pass still reads), nothing more.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
+  params = {f"layer{i}": {"kernel": jnp.asarray(rng.standard_normal((16, 16)), jnp.float32),
+                          "bias": jnp.zeros((16,), jnp.float32)} for i in range(3)}
+
+  def loss(p):
+    h = x
+    for i in range(3):
+      h = jnp.tanh(h @ p[f"layer{i}"]["kernel"] + p[f"layer{i}"]["bias"])
+    return jnp.mean(h ** 2)
+
+  def param_copies(first):
+    tx = optax.chain(first, optax.adam(1e-3))
+
+    def step(p, s):
+      updates, s = tx.update(jax.grad(loss)(p), s, p, value_fn=loss)
+      return optax.apply_updates(p, updates), s
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, tx.init(params)).compile().as_text()
+    return [line for line in text.splitlines()
+            if " copy(" in line and ("f32[16,16]" in line or "f32[16]" in line)]
+
+  plain = param_copies(optax.identity())
+  checked = param_copies(gc.gradient_check(every_k=10))
+  assert len(checked) <= len(plain), (plain, checked)
+
+
+def test_gradient_check_passes_signed_zeros_and_non_finite_entries_bit_for_bit():
+  tx = gc.gradient_check(every_k=3)
+  params = {"w": jnp.ones(4), "n": jnp.arange(3)}
+  grads = {"w": jnp.asarray([-0.0, jnp.inf, -jnp.inf, 1e-45], jnp.float32),
+           "n": jnp.arange(3)}
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=_half_square))
+  state = tx.init(params)
+  for _ in range(2):  # a checking step, then an off step
+    out, state = update(grads, state, params)
+    np.testing.assert_array_equal(np.asarray(out["w"]).view(np.uint32),
+                                  np.asarray(grads["w"]).view(np.uint32))
+    assert out["n"].dtype == grads["n"].dtype
+    np.testing.assert_array_equal(out["n"], grads["n"])
+  nan = {"w": jnp.full(4, jnp.nan), "n": jnp.arange(3)}
+  out, _ = update(nan, state, params)
+  assert np.all(np.isnan(out["w"]))
+
+
 def test_report_shows_gradient_check_stats():
   tx = optax.chain(gc.gradient_check(every_k=1), optax.sgd(0.1))
   params = {"w": jnp.ones(3)}
