@@ -307,13 +307,27 @@ def _directions(chunk_key: jax.Array, k: jax.Array, num_directions: int,
   """Member ``k``'s ``num_directions`` unit directions, shaped like its leaf.
 
   Uniform entries in [-1, 1], normalized: a random direction whose law is
-  continuous, so a bug never cancels out exactly (as random signs can). One
-  draw shaped like the leaf, so a sharded leaf's directions are generated
-  where its shards live; they depend on the key and the leaf's shape alone,
-  so they can be drawn again where only the gradient is at hand.
+  continuous, so a bug never cancels out exactly (as random signs can). Each
+  entry is a counter hash (``lowbias32``) of its index and a 32-bit seed drawn
+  with ``jax.random`` from the member's key. Elementwise, the draw fuses into
+  what uses it and a sharded leaf's entries are computed where its shards
+  live. ``jax.random``'s threefry is a rolled loop on CPU that holds several
+  leaf-sized buffers, and its ``rbg`` computes the whole leaf on every
+  device; in :func:`gradient_check` those buffers are allocated with every
+  training step's. The directions depend on the key and the leaf's shape
+  alone, so they can be drawn again where only the gradient is at hand.
   """
-  v = jax.random.uniform(jax.random.fold_in(chunk_key, k),
-                         (num_directions,) + like.shape, wide, -1.0, 1.0)
+  seed = jax.random.bits(jax.random.fold_in(chunk_key, k), (), jnp.uint32)
+  shape = (num_directions,) + like.shape
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+    stride = stride * shape[axis] % 2 ** 32
+  x = index * np.uint32(0x9E3779B9) + seed
+  x = (x ^ (x >> 16)) * np.uint32(0x7FEB352D)
+  x = (x ^ (x >> 15)) * np.uint32(0x846CA68B)
+  x = x ^ (x >> 16)
+  v = (x >> 8).astype(wide) * (2.0 ** -23) - 1.0
   return _unit(v.astype(dtype))
 
 
