@@ -484,6 +484,24 @@ def test_gradient_check_adds_one_evaluation_of_temporaries_to_the_step():
     assert checked <= plain + 3 * activations, (directions, plain, checked)
 
 
+def test_directions_are_unit_uniform_and_independent():
+  # The hashed draw against the law it stands for: entries uniform on
+  # [-1, 1] before normalization (mean 0, variance 1/3, flat histogram),
+  # directions of one member and of two members uncorrelated.
+  key = jax.random.key(3)
+  v = np.asarray(checking._directions(key, jnp.asarray(0), 2, jnp.zeros((200, 50)),
+                                      jnp.float32, jnp.float32))
+  w = np.asarray(checking._directions(key, jnp.asarray(1), 1, jnp.zeros((200, 50)),
+                                      jnp.float32, jnp.float32))
+  np.testing.assert_allclose(np.linalg.norm(v.reshape(2, -1), axis=1), 1.0, rtol=1e-6)
+  raw = v[0].ravel() * np.sqrt(v[0].size / 3.0)  # back to entries of variance 1/3
+  assert abs(raw.mean()) < 0.02 and abs(raw.var() - 1 / 3) < 0.02
+  counts, _ = np.histogram(raw / np.abs(raw).max(), bins=10, range=(-1, 1))
+  assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+  for a, b in [(v[0], v[1]), (v[0], w[0])]:
+    assert abs(float(np.sum(a * b))) < 4 / np.sqrt(a.size)
+
+
 def test_gradient_check_adds_no_parameter_copy_to_a_donated_step():
   # A training step that donates params updates them in place. A check that
   # read params after the update would make XLA copy every param on every
