@@ -35,6 +35,8 @@ References:
   Richardson, "The deferred approach to the limit" (1927).
   Moré and Wild, "Estimating computational noise" (SIAM J. Sci. Comput., 2011).
   JAX issues 641 and 7742 (fixed finite-difference steps in ``jax.test_util``).
+  Wellons, "Prospecting for hash functions" (2018): the ``lowbias32`` integer
+  hash behind the random directions.
 """
 
 from __future__ import annotations
