@@ -262,15 +262,19 @@ def _chunk_plan(leaves: list[Any], checked: list[int],
 
 
 def _over_chunks(chunks: list[list[int]], checked: list[int], key: jax.Array,
-                 run_chunk: Callable[[list[int], list[int], jax.Array], Any]) -> Any:
+                 run_chunk: Callable[[list[int], list[int], jax.Array], Any],
+                 wide: Any) -> Any:
   """``run_chunk(members, idx, chunk_key)`` for every chunk, its per-member
-  results concatenated and put back in ``checked`` order. ``idx`` are the
-  members' indices among all leaves; each chunk has its own key, so the
-  directions of a leaf do not depend on how the other chunks are checked."""
+  results cast to ``wide`` (flags stay bool), concatenated and put back in
+  ``checked`` order. ``idx`` are the members' indices among all leaves; each
+  chunk has its own key, so the directions of a leaf do not depend on how the
+  other chunks are checked."""
   parts, order = [], []
   for number, members in enumerate(chunks):
-    parts.append(run_chunk(members, [checked[n] for n in members],
-                           jax.random.fold_in(key, number)))
+    part = run_chunk(members, [checked[n] for n in members],
+                     jax.random.fold_in(key, number))
+    parts.append(jax.tree.map(
+        lambda a: a if a.dtype == jnp.bool_ else a.astype(wide), part))
     order += members
   position = np.argsort(np.asarray(order))
   return jax.tree.map(lambda *a: jnp.concatenate(a)[position], *parts)
@@ -389,10 +393,10 @@ def _measure_leaves(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef:
       measured, ok = run(idx, eps[members[0]], chunk_key, False), False
     for n in members:
       has_forward[n] = ok
-    return jax.tree.map(lambda a: a if a.dtype == jnp.bool_ else a.astype(wide), measured)
+    return measured
 
   chunks = _chunk_plan(leaves, checked, num_directions)
-  return _over_chunks(chunks, checked, key, run_chunk), has_forward
+  return _over_chunks(chunks, checked, key, run_chunk, wide), has_forward
 
 
 # ------------------------------------------------------------ check_gradients
@@ -744,10 +748,11 @@ def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
         t = _step(leaf, fallback.astype(dtype), dtype, eps[members[0]])
         f = _finite_differences(_perturbed(value_fn, leaves, treedef, idx, k), leaf,
                                 v, t, dtype, batched=False)
-        return f.astype(FLOAT32), t.astype(FLOAT32)
+        return f, t
       return jax.lax.map(member, jnp.arange(len(idx)))
 
-    f, t = _over_chunks(chunks, checked, jax.random.fold_in(base_key, count), run_chunk)
+    f, t = _over_chunks(chunks, checked, jax.random.fold_in(base_key, count),
+                        run_chunk, FLOAT32)
     f0 = value_fn(treedef.unflatten(leaves)).astype(FLOAT32)
     return f, t, f0
 
@@ -771,12 +776,11 @@ def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
 
       def member(k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         v = _directions(chunk_key, k, num_directions, leaves[idx[0]], FLOAT32, dtype)
-        terms = _gradient_terms(_pick(k, [grads[i] for i in idx]), v, dtype)
-        return tuple(a if a.dtype == jnp.bool_ else a.astype(FLOAT32) for a in terms)
+        return _gradient_terms(_pick(k, [grads[i] for i in idx]), v, dtype)
       return jax.lax.map(member, jnp.arange(len(idx)))
 
     reverse, typical, finite = _over_chunks(
-        chunks, checked, jax.random.fold_in(base_key, count), run_chunk)
+        chunks, checked, jax.random.fold_in(base_key, count), run_chunk, FLOAT32)
     m = _Measured(reverse=reverse, forward=jnp.full_like(reverse, jnp.nan),
                   f0=jnp.broadcast_to(f0, t.shape), f=f, step=t, typical=typical,
                   finite=finite)
@@ -789,10 +793,12 @@ def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
     return jnp.stack([errors[worst], jnp.asarray(checked, FLOAT32)[worst],
                       jnp.max(severity).astype(FLOAT32)])
 
-  def no_comparison() -> jax.Array:
-    return jnp.asarray([0.0, -1.0, 0.0], FLOAT32)
+  return jax.lax.cond(checking, compare, _no_check_result), updates
 
-  return jax.lax.cond(checking, compare, no_comparison), updates
+
+def _no_check_result() -> jax.Array:
+  """:func:`_check_in_step`'s result when nothing is checked: no error, no leaf."""
+  return jnp.asarray([0.0, -1.0, 0.0], FLOAT32)
 
 
 @_stats.register_state(
@@ -911,7 +917,7 @@ def gradient_check(
           checking, updates, grad_leaves, leaves, treedef, checked, value_fn,
           base_key, state.count, int(num_directions), rtol)
     else:
-      result = jnp.asarray([0.0, -1.0, 0.0], FLOAT32)
+      result = _no_check_result()
     error, leaf, severity = result[0], result[1].astype(jnp.int32), result[2]
     new_worst = error > state.worst_error
     return updates, GradientCheckState(
