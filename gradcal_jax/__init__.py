@@ -14,6 +14,8 @@ from gradcal_jax.clipping import (
 from gradcal_jax.checking import (
     GradCheckReport, GradCheckRow, GradientCheckError, GradientCheckState,
     check_gradients, gradient_check)
+from gradcal_jax.loss_scaling import (
+    DynamicLossScaleState, dynamic_loss_scale, loss_scale)
 from gradcal_jax.monitoring import MonitorState, monitor, report, stats
 from gradcal_jax.truncation import TruncateTopKState, truncate_top_k
 
@@ -48,6 +50,9 @@ __all__ = [
     "GradientCheckState",
     "check_gradients",
     "gradient_check",
+    "DynamicLossScaleState",
+    "dynamic_loss_scale",
+    "loss_scale",
     "MonitorState",
     "monitor",
     "report",

@@ -160,31 +160,16 @@ def accumulate(
         lambda g, acc: add(g, acc) if _tree.is_float(g) else acc,
         updates, state.accumulator)
 
-    def run(operands):
-      accumulator, inner_state, params = operands
+    def run(accumulator: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
       mean = jax.tree.map(
           lambda g, acc: acc.astype(g.dtype) if _tree.is_float(g) else g,
           updates, accumulator)
       return inner.update(mean, inner_state, params, **extra_args)
 
-    operands = (accumulator, state.inner_state, params)
-    shapes, inner_shapes = jax.eval_shape(run, operands)
-
-    def hold(operands):
-      # Between boundaries, and at a boundary with nothing accumulated, the
-      # inner state passes through as is, so a training step that donates its
-      # state updates it in place with no copy (without donation, XLA copies
-      # it: an output may not alias an input that is not donated). The cast
-      # is a no-op except where the inner state's own dtype changes on its
-      # first update (optax.adam's moments of an integer leaf).
-      _, inner_state, _ = operands
-      return (optax.tree.zeros_like(shapes),
-              optax.tree.cast_like(inner_state, inner_shapes))
-
-    # `run` as the true branch: in the other order XLA:CPU copies the inner
-    # state after the cond even when it is donated (measured).
-
-    new_updates, inner_state = jax.lax.cond(run_inner, run, hold, operands)
+    # Between boundaries, and at a boundary with nothing accumulated, the
+    # inner state is held.
+    new_updates, inner_state = _tree.run_or_hold(
+        run_inner, run, accumulator, state.inner_state, params)
     return new_updates, AccumulateState(
         micro_step=jnp.where(boundary, 0, state.micro_step + 1).astype(INT32),
         inner_steps=jnp.where(run_inner, optax.safe_increment(state.inner_steps),

@@ -399,26 +399,9 @@ def skip_spikes(
       spike = spike | ((state.loss_count >= min_history) & (loss > loss_limit))
     skip = nonfinite | spike
 
-    def run(operands):
-      updates, inner_state, params = operands
-      return inner.update(updates, inner_state, params, **extra_args)
-
-    operands = (updates, state.inner_state, params)
-    shapes, state_shapes = jax.eval_shape(run, operands)
-
-    def hold(operands):
-      # Nothing gradient-sized is computed here but the zero updates; the
-      # inner state passes through as is, so a training step that donates its
-      # state updates it in place with no copy (without donation, XLA copies
-      # it: an output may not alias an input that is not donated). The cast
-      # is a no-op except where the inner state's own dtype changes on its
-      # first update (optax.adam's moments of an integer leaf).
-      return (optax.tree.zeros_like(shapes),
-              optax.tree.cast_like(operands[1], state_shapes))
-
-    # `run` as the true branch: in the other order XLA:CPU copies the inner
-    # state after the cond even when it is donated (measured).
-    new_updates, inner_state = jax.lax.cond(~skip, run, hold, operands)
+    new_updates, inner_state = _tree.run_or_hold(
+        ~skip, lambda u, s, p: inner.update(u, s, p, **extra_args),
+        updates, state.inner_state, params)
     accept = ~skip
     norms, norm_count = _record(state.norms, state.norm_count, norm, accept)
     losses, loss_count = state.losses, state.loss_count

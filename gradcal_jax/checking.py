@@ -176,11 +176,13 @@ def _gradient_terms(g_leaf: jax.Array, v: jax.Array, dtype: Any
 
 
 def _judge(m: _Measured, has_forward: jax.Array, rtol: jax.Array,
-           value_eps: jax.Array) -> _LeafCheck:
+           value_eps: jax.Array, rounding: jax.Array | None = None) -> _LeafCheck:
   """Compares the three estimates of every leaf at once and gives verdicts.
 
   ``m`` holds each field stacked over leaves (leading axis); ``has_forward``,
-  ``rtol`` and ``value_eps`` are per leaf.
+  ``rtol``, ``value_eps`` and ``rounding`` (the gradient's own rounding error
+  along the directions, in derivative units, added to the uncertainty) are
+  per leaf.
   """
   t = m.step[:, None]
   fm1, fmh, fph, fp1 = (m.f[..., k] for k in range(len(_OFFSETS)))
@@ -195,6 +197,8 @@ def _judge(m: _Measured, has_forward: jax.Array, rtol: jax.Array,
   floor = _NOISE_FLOOR * value_eps[:, None] * size / t
   # One uncertainty per leaf: directions share the leaf's noise and curvature.
   spread = jnp.max(jnp.abs(narrow - wide) + kink + floor, axis=1)
+  if rounding is not None:
+    spread = spread + rounding
 
   # A leaf's forward leg counts where jax.jvp applied and gave a finite value:
   # within a chunk of same-shaped leaves, jvp also carries zero tangents
@@ -728,39 +732,68 @@ def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
   computes nothing but the predicate.
   """
   chunks = _chunk_plan(leaves, checked, num_directions)
-  # The params' dtype, at least float16 for the loss, sets steps and tolerances.
-  loss = jax.eval_shape(value_fn, treedef.unflatten(leaves))
+  # value_fn is evaluated at params cast up to float32 (a no-op for float32
+  # params): in bfloat16 or float16 the perturbed points and the loss would
+  # round at the finite differences' own scale, and a correct gradient could
+  # look wrong. The dtype of the loss there, at least float16, and float32
+  # set the steps; the params' and gradients' own dtypes set the tolerance,
+  # since the gradient was computed and rounded in them.
+  wide_leaves = [x.astype(jnp.promote_types(x.dtype, FLOAT32)) if _tree.is_float(x)
+                 else x for x in leaves]
+  loss = jax.eval_shape(value_fn, treedef.unflatten(wide_leaves))
   out_eps = _eps(jnp.promote_types(loss.dtype, jnp.float16))
-  eps = [max(_eps(leaves[i].dtype), out_eps) for i in checked]
-  rtols = jnp.asarray([_default_rtol(e) if rtol is None else rtol for e in eps], FLOAT32)
+  step_eps = [max(_eps(wide_leaves[i].dtype), out_eps) for i in checked]
+  grad_eps = [max(_eps(leaves[i].dtype), _eps(grads[i].dtype), e)
+              for i, e in zip(checked, step_eps)]
+  rtols = jnp.asarray([_default_rtol(e) if rtol is None else rtol for e in grad_eps],
+                      FLOAT32)
   value_eps = jnp.asarray(
-      [max(out_eps, _eps(jnp.promote_types(leaves[i].dtype, FLOAT32))) for i in checked],
-      FLOAT32)
+      [max(out_eps, _eps(wide_leaves[i].dtype)) for i in checked], FLOAT32)
 
-  def evaluate() -> tuple[jax.Array, jax.Array, jax.Array]:
-    fallback = _rms([leaves[i] for i in checked], FLOAT32)
+  # A gradient computed in bfloat16 or float16 carries its own rounding (a
+  # bias's sum over the batch cancels: seen 60% off the float32 gradient in
+  # a correct model). It is measured, as the difference of value_fn's own
+  # reverse-mode gradients in the params' dtype and in float32 along each
+  # direction, and counted in the uncertainty, so it reads as unreliable
+  # rather than a mismatch. A planted bug is in both and cancels out.
+  narrow = any(wide_leaves[i].dtype != leaves[i].dtype for i in checked)
+
+  def evaluate() -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    fallback = _rms([wide_leaves[i] for i in checked], FLOAT32)
+    if narrow:
+      grad_fn = jax.value_and_grad(value_fn, allow_int=True)
+      f0, wide_grads = grad_fn(treedef.unflatten(wide_leaves))
+      own_grads = treedef.flatten_up_to(grad_fn(treedef.unflatten(leaves))[1])
+      wide_grads = treedef.flatten_up_to(wide_grads)
+    else:
+      f0 = value_fn(treedef.unflatten(wide_leaves))
 
     def run_chunk(members: list[int], idx: list[int], chunk_key: jax.Array) -> Any:
-      def member(k: jax.Array) -> tuple[jax.Array, jax.Array]:
-        leaf = _pick(k, [leaves[i] for i in idx])
-        dtype = jnp.promote_types(leaf.dtype, FLOAT32)
+      def member(k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        leaf = _pick(k, [wide_leaves[i] for i in idx])
+        dtype = leaf.dtype
         v = _directions(chunk_key, k, num_directions, leaf, FLOAT32, dtype)
-        t = _step(leaf, fallback.astype(dtype), dtype, eps[members[0]])
-        f = _finite_differences(_perturbed(value_fn, leaves, treedef, idx, k), leaf,
-                                v, t, dtype, batched=False)
-        return f, t
+        t = _step(leaf, fallback.astype(dtype), dtype, step_eps[members[0]])
+        f = _finite_differences(_perturbed(value_fn, wide_leaves, treedef, idx, k),
+                                leaf, v, t, dtype, batched=False)
+        rounding = jnp.zeros(num_directions, dtype)
+        if narrow:
+          own, wide = (_gradient_terms(_pick(k, [g[i] for i in idx]), v, dtype)[0]
+                       for g in (own_grads, wide_grads))
+          rounding = jnp.abs(own - wide)
+        return f, t, rounding
       return jax.lax.map(member, jnp.arange(len(idx)))
 
-    f, t = _over_chunks(chunks, checked, jax.random.fold_in(base_key, count),
-                        run_chunk, FLOAT32)
-    f0 = value_fn(treedef.unflatten(leaves)).astype(FLOAT32)
-    return f, t, f0
+    f, t, rounding = _over_chunks(chunks, checked, jax.random.fold_in(base_key, count),
+                                  run_chunk, FLOAT32)
+    return f, t, f0.astype(FLOAT32), rounding
 
-  def no_values() -> tuple[jax.Array, jax.Array, jax.Array]:
+  def no_values() -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     return (jnp.zeros((len(checked), num_directions, len(_OFFSETS)), FLOAT32),
-            jnp.zeros(len(checked), FLOAT32), jnp.zeros((), FLOAT32))
+            jnp.zeros(len(checked), FLOAT32), jnp.zeros((), FLOAT32),
+            jnp.zeros((len(checked), num_directions), FLOAT32))
 
-  f, t, f0 = jax.lax.cond(checking, evaluate, no_values)
+  f, t, f0, rounding = jax.lax.cond(checking, evaluate, no_values)
   # Steps are norms, never negative (zero when not checking, NaN compares
   # false), so every update is selected as it is, bit for bit; XLA, which
   # cannot know that, runs the first half before the updates are used.
@@ -784,7 +817,8 @@ def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
     m = _Measured(reverse=reverse, forward=jnp.full_like(reverse, jnp.nan),
                   f0=jnp.broadcast_to(f0, t.shape), f=f, step=t, typical=typical,
                   finite=finite)
-    result = _judge(m, jnp.zeros(len(checked), jnp.bool_), rtols, value_eps)
+    result = _judge(m, jnp.zeros(len(checked), jnp.bool_), rtols, value_eps,
+                    jnp.max(rounding, axis=1))
     # Errors of unreliable leaves say nothing about the gradient.
     errors = jnp.where(result.verdict != _UNRELIABLE, result.error, 0.0).astype(FLOAT32)
     worst = jnp.argmax(errors)
