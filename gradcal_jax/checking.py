@@ -874,7 +874,7 @@ def gradient_check(
   directions :math:`v` per floating leaf of ``params`` and compares the
   incoming gradient's :math:`\\langle g_i, v\\rangle` with extrapolated central
   differences of ``value_fn`` at ``params`` (the same estimate, uncertainty and
-  verdicts as :func:`check_gradients`, in the params' dtype). Other steps run
+  verdicts as :func:`check_gradients`, in at least float32). Other steps run
   the empty branch of a ``lax.cond``.
 
   A check costs one evaluation of ``value_fn`` plus ``4 * num_directions`` per
@@ -887,6 +887,18 @@ def gradient_check(
   batch, and runs before the rest of the chain uses the updates, so a training
   step that donates params (updating them in place) copies none of them for
   the check.
+
+  Params narrower than float32 (bfloat16, float16): ``value_fn`` is evaluated
+  at the params cast to float32, so the finite differences are not rounded to
+  the params' 8 or 11 bits, and the tolerance is that of the params' dtype
+  (0.2 in bfloat16, 0.1 in float16). A gradient computed in such a dtype is
+  itself rounded, at times far beyond that tolerance (a bias whose sum over
+  the batch cancels), so a check step also takes ``value_fn``'s gradient in
+  the params' dtype and in float32 and counts their difference along each
+  direction in the uncertainty: where it explains the disagreement the leaf
+  is ``unreliable``, not ``mismatch``, and a wrong gradient (wrong in both)
+  is still caught. That costs two backward passes and their temporaries on
+  check steps; float32 params pay none of it.
 
   Args:
     every_k: check every this many updates (>= 1).
