@@ -50,7 +50,8 @@ class Case:
       (shapes depend on them, e.g. a buffer length).
     has_stats: whether ``stats`` finds at least one statistic in its state.
     skips_nonfinite: a guard that skips a non-finite step (zeros out, counted
-      in a ``*nonfinite*`` statistic) instead of letting it through.
+      in a ``*nonfinite*`` or ``num_skipped`` statistic) instead of letting it
+      through.
     inner_names: for a wrapper, the gradcal transforms inside it, whose
       statistics ``stats`` must also find.
   """
@@ -137,6 +138,22 @@ CASES: list[Case] = [
          extra_args=lambda grads, params: {"weight": 3.0},
          bad=(({"every_k": 0}, "every_k must be an integer >= 1"),
               ({"every_k": 1.5}, "every_k must be an integer >= 1"))),
+    Case("dynamic_loss_scale",
+         lambda initial_scale=2.0**15, growth_interval=2000, growth_factor=2.0,
+         backoff_factor=0.5, min_scale=1.0, max_scale=2.0**24:
+         gc.dynamic_loss_scale(
+             gc.clip_by_global_norm(1.0), initial_scale=initial_scale,
+             growth_interval=growth_interval, growth_factor=growth_factor,
+             backoff_factor=backoff_factor, min_scale=min_scale,
+             max_scale=max_scale),
+         {"initial_scale": 4.0, "growth_interval": 2},
+         inner_names=("clip_by_global_norm",), skips_nonfinite=True,
+         bad=(({"initial_scale": 0.0}, r"initial_scale must be in \(0.0"),
+              ({"growth_interval": 0}, "growth_interval must be an integer >= 1"),
+              ({"growth_factor": 1.0}, r"growth_factor must be in \(1.0"),
+              ({"backoff_factor": 1.0}, r"backoff_factor must be in \(0.0, 1.0\)"),
+              ({"min_scale": 0.0}, r"min_scale must be in \(0.0"),
+              ({"min_scale": 8.0, "max_scale": 2.0}, "min_scale must not exceed"))),
     Case("truncate_top_k", gc.truncate_top_k, {"fraction": 0.1},
          bad=(({"fraction": 0.0}, r"fraction must be in \(0.0, 1.0\]"),
               ({"fraction": 1.5}, r"fraction must be in \(0.0, 1.0\]"))),
@@ -356,7 +373,8 @@ def test_nonfinite_gradient_is_never_hidden(case):
   if case.skips_nonfinite:
     for x in jax.tree.leaves(outs):
       assert not np.any(np.asarray(x)), "a skipped step must give zeros"
-    counted = [v for k, v in gc.stats(state).items() if "nonfinite" in k]
+    counted = [v for k, v in gc.stats(state).items()
+               if case.owns(k) and ("nonfinite" in k or k.endswith("/num_skipped"))]
     assert counted and max(int(v) for v in counted) > 0
   else:
     assert not finite, "an inf gradient was turned into finite updates"
