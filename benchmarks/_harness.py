@@ -133,6 +133,21 @@ def time_floor(tree: Any, repeats: int = 15) -> float:
   return time_interleaved([floor_call(tree)], rounds=repeats)[0]
 
 
+def bytes_accessed(fn: Callable[..., Any], *args: Any) -> float:
+  """XLA's count of the bytes the compiled ``fn(*args)`` reads and writes:
+  deterministic, unlike a time."""
+  return float(jax.jit(fn).lower(*args).compile().cost_analysis()["bytes accessed"])
+
+
+def traffic(tx: optax.GradientTransformation, grads: Any, params: Any = None,
+            state: Any = None) -> float:
+  """Bytes accessed by ``tx.update`` over the floor's (reading and writing
+  ``grads`` once)."""
+  state = tx.init(params if params is not None else grads) if state is None else state
+  floor = bytes_accessed(lambda t: jax.tree.map(jnp.negative, t), grads)
+  return bytes_accessed(tx.update, grads, state, params) / floor
+
+
 def compare(name: str, tx: optax.GradientTransformation, reference_name: str,
             reference: optax.GradientTransformation, grads: Any,
             params: Any = None, floor: float | None = None,

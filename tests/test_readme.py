@@ -19,3 +19,15 @@ def test_readme_usage_example_runs():
   assert "'monitor/norm'" in printed
   assert "'clip_by_global_norm/norm'" in printed
   assert "layers/0/kernel" in printed
+
+
+def test_readme_float16_recipe_runs_after_the_usage_example():
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+  assert len(blocks) >= 2, "README.md has no float16 recipe"
+  namespace: dict = {}
+  with contextlib.redirect_stdout(io.StringIO()):
+    for block in blocks[:2]:
+      exec(compile(block, str(README), "exec"), namespace)
+  found = namespace["gc"].stats(namespace["optimizer"].opt_state)
+  assert float(found["dynamic_loss_scale/scale"]) == 2.0**15
+  assert int(found["dynamic_loss_scale/good_steps"]) == 1
