@@ -17,6 +17,8 @@ from gradcal_jax.checking import (
 from gradcal_jax.loss_scaling import (
     DynamicLossScaleState, dynamic_loss_scale, loss_scale)
 from gradcal_jax.monitoring import MonitorState, monitor, report, stats
+from gradcal_jax.spikes import (
+    AdaGCState, ClipUpdateRMSState, SpamState, adagc, clip_update_rms, spam)
 from gradcal_jax.truncation import TruncateTopKState, truncate_top_k
 
 __version__ = "0.1.0"
@@ -42,6 +44,12 @@ __all__ = [
     "clip_weights",
     "AccumulateState",
     "accumulate",
+    "AdaGCState",
+    "ClipUpdateRMSState",
+    "SpamState",
+    "adagc",
+    "clip_update_rms",
+    "spam",
     "TruncateTopKState",
     "truncate_top_k",
     "GradCheckReport",
