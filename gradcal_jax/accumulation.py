@@ -17,9 +17,14 @@ INT32 = jnp.int32
 @_stats.register_state(
     "accumulate",
     fields=("micro_step", "inner_steps", "weight", "empty_steps",
-            "invalid_weights"))
+            "invalid_weights", "noise_scale"))
 class AccumulateState(NamedTuple):
   """State of :func:`accumulate`.
+
+  Fields change at every micro-batch (``micro_step``, ``weight``,
+  ``square_sum``, ``positive``, ``invalid_weights``, ``accumulator``), at a
+  boundary (``inner_steps``, ``empty_steps``, the noise-scale moving averages
+  and ``noise_scale``, ``inner_state``).
 
   Attributes:
     micro_step: int32, micro-batches accumulated since the last boundary, in
@@ -36,7 +41,18 @@ class AccumulateState(NamedTuple):
       as they are and never read). While ``weight`` is 0 (right after a
       boundary) it still holds the last cycle's mean and is not read: the
       next micro-batch of positive weight overwrites it.
-    inner_state: the inner transform's state.
+    square_sum: float32, :math:`\sum_i w_i \lVert g_i \rVert^2` over the
+      cycle's micro-batches so far (for the noise scale).
+    positive: int32, the cycle's micro-batches of positive weight so far.
+    noise_trace: float32 moving average of the estimated
+      :math:`\operatorname{tr}\Sigma` (per unit of weight).
+    noise_signal: float32 moving average of the estimated
+      :math:`\lVert G \rVert^2`.
+    noise_scale: float32, the simple noise scale
+      :math:`B_{simple} = \mathrm{noise\_trace} / \mathrm{noise\_signal}`,
+      in units of weight (examples or tokens when ``weight=`` counts them,
+      micro-batches without ``weight=``); 0 before the first estimate,
+      ``inf`` while the signal estimate is not positive.
   """
   micro_step: jax.Array
   inner_steps: jax.Array
@@ -45,6 +61,31 @@ class AccumulateState(NamedTuple):
   invalid_weights: jax.Array
   accumulator: Any
   inner_state: Any
+  square_sum: jax.Array
+  positive: jax.Array
+  noise_trace: jax.Array
+  noise_signal: jax.Array
+  noise_scale: jax.Array
+
+
+def _noise_estimates(square_sum: jax.Array, positive: jax.Array, total: jax.Array,
+                     mean_square: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Unbiased ``(tr Sigma, |G|^2, valid)`` from one cycle (McCandlish et al.
+  2018, appendix A.1, for micro-batches of sizes :math:`w_i`).
+
+  With :math:`E\lVert g_i\rVert^2 = \lVert G\rVert^2 + \operatorname{tr}
+  \Sigma / w_i` and :math:`E\lVert \bar g\rVert^2 = \lVert G\rVert^2 +
+  \operatorname{tr}\Sigma / W` for the weighted mean over :math:`W = \sum
+  w_i`, :math:`\sum_i w_i \lVert g_i\rVert^2 - W \lVert\bar g\rVert^2`
+  has expectation :math:`(k - 1) \operatorname{tr}\Sigma` over :math:`k`
+  micro-batches; equal sizes give the paper's :math:`B_{small}`,
+  :math:`B_{big}` estimators.
+  """
+  k = positive.astype(FLOAT32)
+  trace = (square_sum - total * mean_square) / jnp.maximum(k - 1.0, 1.0)
+  signal = mean_square - trace / jnp.where(total > 0, total, 1.0)
+  valid = (positive >= 2) & jnp.isfinite(trace) & jnp.isfinite(signal)
+  return trace, signal, valid
 
 
 def accumulate(
@@ -52,6 +93,7 @@ def accumulate(
     every_k: int,
     *,
     accumulator_dtype: Any = jnp.float32,
+    noise_decay: float = 0.9,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Accumulates ``every_k`` weighted micro-batch gradients, then runs ``inner``.
 
@@ -87,6 +129,20 @@ def accumulate(
   no harm). A boundary whose total weight is zero emits zero updates, does not
   run the inner transform and increments ``empty_steps``: never NaN.
 
+  Gradient noise scale: every boundary also estimates the simple noise scale
+  of McCandlish et al. (2018), :math:`B_{simple} = \operatorname{tr}\Sigma /
+  \lVert G \rVert^2`, from the micro-batch gradients (their squared norms,
+  taken in the pass that accumulates them, and that of their mean: no extra
+  pass over the gradient), as moving averages of the two estimates with decay
+  ``noise_decay`` whose ratio is ``stats(...)["accumulate/noise_scale"]``. It
+  estimates the critical batch size: training at batches well below it is
+  limited by gradient noise (doubling the batch nearly halves the steps
+  needed), well above it is wasteful (doubling the batch barely helps). It
+  is in units of ``weight`` (pass the number of examples or tokens) and needs
+  at least two micro-batches of positive weight per cycle. Each estimate is
+  noisy and can be negative; the averages smooth it, so read it after a few
+  dozen boundaries.
+
   Args:
     inner: the transform to run on the accumulated gradient, e.g.
       ``optax.chain(gc.clip_by_global_norm(1.0), optax.adam(1e-3))``.
@@ -94,6 +150,7 @@ def accumulate(
       on every call, with weights ignored except for the zero-weight checks).
     accumulator_dtype: dtype of the accumulation buffer (float32 by default;
       ``jnp.bfloat16`` halves its memory at some precision cost).
+    noise_decay: decay of the noise-scale moving averages, in [0, 1).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -112,21 +169,28 @@ def accumulate(
     ([-2.0], 1)
 
   References:
+    McCandlish et al., `An Empirical Model of Large-Batch Training
+    <https://arxiv.org/abs/1812.06162>`_, 2018 (the noise scale);
     optax's ``MultiSteps``; the gradient-accumulation loss-normalisation fix of
     Hugging Face transformers (`Fixing Gradient Accumulation
     <https://huggingface.co/blog/gradient_accumulation>`_, 2024).
   """
   _tree.check_int("every_k", every_k, low=1)
+  _tree.check_number("noise_decay", noise_decay, low=0.0, high=1.0, high_open=True)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: Any) -> AccumulateState:
-    count = jnp.zeros((), INT32)
+    # One array per field: a state whose fields share a buffer cannot be
+    # donated.
+    count = lambda: jnp.zeros((), INT32)
+    zero = lambda: jnp.zeros((), FLOAT32)
     return AccumulateState(
-        micro_step=count, inner_steps=count, weight=jnp.zeros((), FLOAT32),
-        empty_steps=count, invalid_weights=count,
+        micro_step=count(), inner_steps=count(), weight=zero(),
+        empty_steps=count(), invalid_weights=count(),
         accumulator=_tree.map_float(
             lambda x: jnp.zeros(x.shape, accumulator_dtype), params),
-        inner_state=inner.init(params))
+        inner_state=inner.init(params), square_sum=zero(), positive=count(),
+        noise_trace=zero(), noise_signal=zero(), noise_scale=zero())
 
   def update_fn(updates: Any, state: AccumulateState, params: Any = None, *,
                 weight: Any = None, **extra_args: Any
@@ -170,6 +234,31 @@ def accumulate(
     # inner state is held.
     new_updates, inner_state = _tree.run_or_hold(
         run_inner, run, accumulator, state.inner_state, params)
+
+    # Noise scale: this micro-batch's squared norm (read with the gradient it
+    # accumulates) and, at a boundary, that of the mean.
+    square = sum((_tree.sum_of_squares(g) for g in _tree.float_leaves(updates)),
+                 jnp.zeros((), FLOAT32))
+    square_sum = state.square_sum + jnp.where(share > 0, weight * square, 0.0)
+    positive = state.positive + (share > 0).astype(INT32)
+    # XLA:CPU fuses no reduction with an elementwise output, so each norm is
+    # a read of its own: the mean's is taken at a boundary only.
+    means = [acc for g, acc in zip(jax.tree.leaves(updates), jax.tree.leaves(accumulator))
+             if _tree.is_float(g)]
+    mean_square = jax.lax.cond(
+        boundary & (positive >= 2),
+        lambda xs: sum((_tree.sum_of_squares(x) for x in xs), jnp.zeros((), FLOAT32)),
+        lambda xs: jnp.zeros((), FLOAT32), means)
+    trace, signal, estimated = _noise_estimates(square_sum, positive, total,
+                                                mean_square)
+    estimated = boundary & estimated
+    noise_trace = jnp.where(estimated, noise_decay * state.noise_trace
+                            + (1.0 - noise_decay) * trace, state.noise_trace)
+    noise_signal = jnp.where(estimated, noise_decay * state.noise_signal
+                             + (1.0 - noise_decay) * signal, state.noise_signal)
+    noise_scale = jnp.where(
+        noise_signal > 0, noise_trace / jnp.where(noise_signal > 0, noise_signal, 1.0),
+        jnp.where(noise_trace > 0, jnp.inf, 0.0))
     return new_updates, AccumulateState(
         micro_step=jnp.where(boundary, 0, state.micro_step + 1).astype(INT32),
         inner_steps=jnp.where(run_inner, optax.safe_increment(state.inner_steps),
@@ -181,6 +270,11 @@ def accumulate(
         invalid_weights=jnp.where(valid, state.invalid_weights,
                                   optax.safe_increment(state.invalid_weights)),
         accumulator=accumulator,
-        inner_state=inner_state)
+        inner_state=inner_state,
+        square_sum=jnp.where(boundary, 0.0, square_sum).astype(FLOAT32),
+        positive=jnp.where(boundary, 0, positive).astype(INT32),
+        noise_trace=noise_trace.astype(FLOAT32),
+        noise_signal=noise_signal.astype(FLOAT32),
+        noise_scale=noise_scale.astype(FLOAT32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
