@@ -161,6 +161,31 @@ def compare(name: str, tx: optax.GradientTransformation, reference_name: str,
              times[2] if floor is None else floor, note)
 
 
+def guard_rows(name: str, ours: optax.GradientTransformation, grads: Any,
+               bad: float, ran: str, held: str, note: str = "") -> list[Row]:
+  """Rows for a guard around ``optax.adam(1e-3)`` (``ours``), each against
+  plain Adam: a step where Adam runs (``ran``), one where a ``bad`` entry
+  makes the guard hold Adam (``held``), and a donated training step."""
+  adam = optax.adam(1e-3)
+  bad_grads = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(bad), grads)
+  good, held_time, reference, floor = time_interleaved([
+      update_call(ours, grads, grads),
+      update_call(ours, bad_grads, grads),
+      update_call(adam, grads, grads),
+      floor_call(grads),
+  ], rounds=21)
+  ours_step, adam_step = time_interleaved(
+      [train_step_call(ours, grads), train_step_call(adam, grads)], rounds=21)
+  n = entries(grads)
+  return [
+      Row(f"{name} {ran}", n, good, "adam", reference, floor, note),
+      Row(f"{name} {held}", n, held_time, "adam", reference, floor,
+          f"{bad} step: zeros out, Adam state passed through"),
+      Row(f"{name} donated train step", n, ours_step, "adam train step",
+          adam_step, floor, "params and state donated; updates applied"),
+  ]
+
+
 def table(rows: list[Row]) -> str:
   """A Markdown table of ``rows`` (times in milliseconds)."""
   lines = [
