@@ -19,7 +19,7 @@ INT32 = jnp.int32
     fields=("micro_step", "inner_steps", "weight", "empty_steps",
             "invalid_weights", "noise_scale"))
 class AccumulateState(NamedTuple):
-  """State of :func:`accumulate`.
+  r"""State of :func:`accumulate`.
 
   Fields change at every micro-batch (``micro_step``, ``weight``,
   ``square_sum``, ``positive``, ``invalid_weights``, ``accumulator``), at a
@@ -70,7 +70,7 @@ class AccumulateState(NamedTuple):
 
 def _noise_estimates(square_sum: jax.Array, positive: jax.Array, total: jax.Array,
                      mean_square: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Unbiased ``(tr Sigma, |G|^2, valid)`` from one cycle (McCandlish et al.
+  r"""Unbiased ``(tr Sigma, |G|^2, valid)`` from one cycle (McCandlish et al.
   2018, appendix A.1, for micro-batches of sizes :math:`w_i`).
 
   With :math:`E\lVert g_i\rVert^2 = \lVert G\rVert^2 + \operatorname{tr}

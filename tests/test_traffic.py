@@ -1,0 +1,83 @@
+"""Memory traffic of every public transform, pinned: XLA's bytes accessed over the floor.
+
+The floor is reading and writing the gradient once (``jax.tree.map(negative)``
+over the same tree). XLA's count is deterministic, so each figure is held
+here: a change that makes a transform move more memory fails this test, and
+one that improves it should lower the pin. ``benchmarks/`` reports the same
+figures beside optax's. The tree is 10 float32 leaves of 1000 x 100 entries.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradcal_jax as gc
+
+
+def _half_square(params):
+  return sum(0.5 * jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
+
+
+def _safety_stack():
+  return optax.chain(gc.monitor(), gc.zclip(), gc.skip_spikes(optax.adam(1e-3)))
+
+
+# name -> (transform factory, needs params, extra update kwargs, pinned figure).
+# Bounds (one read for all statistics, plus the output's read and write):
+# 1.5 for the clipping and adaptive transforms and monitor, 2.0 for AGC (it
+# reads the params), Adam's own 4.5 plus 0.5 for a guard around it.
+PINNED = {
+    "monitor": (gc.monitor, False, {}, 1.54),
+    "clip_by_value": (lambda: gc.clip_by_value(0.5), False, {}, 1.53),
+    "clip_by_global_norm": (lambda: gc.clip_by_global_norm(1.0), False, {}, 1.50),
+    "clip_by_layer_norm": (lambda: gc.clip_by_layer_norm(1.0), False, {}, 1.50),
+    "adaptive_grad_clip": (lambda: gc.adaptive_grad_clip(0.01), True, {}, 2.01),
+    "centralize": (gc.centralize, False, {}, 1.50),
+    "clip_weights": (lambda: gc.clip_weights(0.5), True, {}, 3.50),
+    "autoclip": (gc.autoclip, False, {}, 1.51),
+    "zclip": (gc.zclip, False, {}, 1.50),
+    "skip_spikes(adam)": (lambda: gc.skip_spikes(optax.adam(1e-3)), False, {}, 7.01),
+    "accumulate(adam)": (lambda: gc.accumulate(optax.adam(1e-3), 4), False, {}, 9.00),
+    "truncate_top_k": (lambda: gc.truncate_top_k(0.1), False, {}, 9.00),
+    "dynamic_loss_scale(adam)": (lambda: gc.dynamic_loss_scale(optax.adam(1e-3)),
+                                 False, {}, 7.01),
+    "adagc": (gc.adagc, False, {}, 1.50),
+    "spam": (lambda: gc.spam(1e-3), False, {}, 9.00),
+    "clip_update_rms": (gc.clip_update_rms, False, {}, 1.50),
+    "clip_update_rms(adam)": (lambda: gc.clip_update_rms(optax.adam(1e-3)), False, {},
+                              8.05),
+    "gradient_check": (lambda: gc.gradient_check(every_k=10), True,
+                       {"value_fn": _half_square}, 7.43),
+    "chain(monitor, zclip, skip_spikes(adam))": (_safety_stack, False, {}, 10.04),
+}
+
+
+def _tree():
+  rng = np.random.default_rng(0)
+  return {f"layer_{i}": jnp.asarray(rng.standard_normal((1000, 100)), jnp.float32)
+          for i in range(10)}
+
+
+def _bytes(fn, *args) -> float:
+  return float(jax.jit(fn).lower(*args).compile().cost_analysis()["bytes accessed"])
+
+
+def traffic(make, needs_params, extra) -> float:
+  tree = _tree()
+  tx = make()
+  params = tree if needs_params else None
+  floor = _bytes(lambda t: jax.tree.map(jnp.negative, t), tree)
+  return _bytes(lambda g, s, p: tx.update(g, s, p, **extra), tree, tx.init(tree),
+                params) / floor
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_traffic_does_not_grow(name):
+  make, needs_params, extra, pinned = PINNED[name]
+  got = traffic(make, needs_params, extra)
+  # The floor's own few scalars make figures a hair above round numbers.
+  assert got <= pinned + 0.005, f"{name} moves {got:.3f} x the floor, pinned at {pinned}"
