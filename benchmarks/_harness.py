@@ -33,6 +33,10 @@ class Row:
   reference: float
   floor: float
   note: str = ""
+  # XLA's bytes accessed over the floor's (deterministic), ours and the
+  # reference's; None where a row times more than one update.
+  traffic: float | None = None
+  reference_traffic: float | None = None
 
   @property
   def ratio(self) -> float:
@@ -158,7 +162,8 @@ def compare(name: str, tx: optax.GradientTransformation, reference_name: str,
     calls.append(floor_call(grads))
   times = time_interleaved(calls, rounds=rounds)
   return Row(name, entries(grads), times[0], reference_name, times[1],
-             times[2] if floor is None else floor, note)
+             times[2] if floor is None else floor, note,
+             traffic(tx, grads, params), traffic(reference, grads, params))
 
 
 def guard_rows(name: str, ours: optax.GradientTransformation, grads: Any,
@@ -178,7 +183,8 @@ def guard_rows(name: str, ours: optax.GradientTransformation, grads: Any,
       [train_step_call(ours, grads), train_step_call(adam, grads)], rounds=21)
   n = entries(grads)
   return [
-      Row(f"{name} {ran}", n, good, "adam", reference, floor, note),
+      Row(f"{name} {ran}", n, good, "adam", reference, floor, note,
+          traffic(ours, grads, grads), traffic(adam, grads, grads)),
       Row(f"{name} {held}", n, held_time, "adam", reference, floor,
           f"{bad} step: zeros out, Adam state passed through"),
       Row(f"{name} donated train step", n, ours_step, "adam train step",
@@ -190,12 +196,15 @@ def table(rows: list[Row]) -> str:
   """A Markdown table of ``rows`` (times in milliseconds)."""
   lines = [
       "| transform | entries | ours (ms) | reference | ref (ms) | ratio |"
-      " floor (ms) | ours / floor | note |",
-      "|---|---:|---:|---|---:|---:|---:|---:|---|",
+      " floor (ms) | ours / floor | bytes / floor, ours | bytes / floor, ref |"
+      " note |",
+      "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
   ]
+  fmt = lambda x: "" if x is None else f"{x:.2f}"
   for r in rows:
     lines.append(
         f"| {r.transform} | {r.size:,} | {r.ours * 1e3:.3f} | "
         f"{r.reference_name} | {r.reference * 1e3:.3f} | {r.ratio:.2f} | "
-        f"{r.floor * 1e3:.3f} | {r.floor_ratio:.2f} | {r.note} |")
+        f"{r.floor * 1e3:.3f} | {r.floor_ratio:.2f} | {fmt(r.traffic)} | "
+        f"{fmt(r.reference_traffic)} | {r.note} |")
   return "\n".join(lines)
