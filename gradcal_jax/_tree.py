@@ -72,14 +72,6 @@ def leaf_norms(tree: Any) -> Any:
       lambda x: leaf_norm(x) if is_float(x) else jnp.zeros((), FLOAT32), tree)
 
 
-def count_nonfinite(tree: Any) -> jax.Array:
-  """The number of non-finite entries over all floating leaves (int32)."""
-  counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in float_leaves(tree)]
-  if not counts:
-    return jnp.zeros((), jnp.int32)
-  return sum(counts)
-
-
 class LeafStats(NamedTuple):
   """The statistics of one leaf that :func:`leaf_stats` takes in one read.
 
