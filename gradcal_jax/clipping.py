@@ -53,6 +53,20 @@ class ClipByValueState(NamedTuple):
   clipped_fraction: jax.Array
 
 
+def _count_above(x: jax.Array, bound: jax.Array) -> jax.Array:
+  """The number of entries with ``|x| > bound`` (``inf`` counts, ``nan`` poisons).
+
+  Written as ``sum(sign(max(|x| - bound, 0)))`` rather than a sum of a boolean
+  mask, and with ``bound`` behind an optimization barrier: XLA:CPU then fuses
+  the count into one read of ``x``. A mask, or a ``bound`` constant shared with
+  the clamp, makes it write a full-size temporary, which costs more than the
+  clamp itself.
+  """
+  bound = jax.lax.optimization_barrier(bound)
+  excess = jnp.maximum(jnp.abs(x.astype(FLOAT32)) - bound, 0.0)
+  return jnp.sum(jnp.sign(excess))
+
+
 def clip_by_value(max_abs: float) -> optax.GradientTransformation:
   """Clamps every entry of the gradient to ``[-max_abs, max_abs]``.
 
@@ -101,12 +115,10 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
           jnp.isfinite(x32), jnp.clip(x32, -bound, bound), x32)
       return clamped.astype(x.dtype)
 
-    # The norm and the count from one read of each leaf.
-    found = [_tree.leaf_stats(x, bound) for x in _tree.float_leaves(updates)]
+    counts = [_count_above(x, bound) for x in _tree.float_leaves(updates)]
     new_state = ClipByValueState(
-        norm=jnp.sqrt(_sum([f.sum_of_squares for f in found], FLOAT32)),
-        clipped_fraction=_fraction(_sum([f.above for f in found], FLOAT32),
-                                   _tree.size(updates)))
+        norm=_tree.global_norm(updates),
+        clipped_fraction=_fraction(_sum(counts, FLOAT32), _tree.size(updates)))
     return _tree.map_float(clamp, updates), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -71,27 +71,30 @@ def _is_gradient(x: Any) -> bool:
   return _tree.is_float(x) and x.size > 0
 
 
+def _max_abs(tree: Any) -> jax.Array:
+  maxima = [jnp.max(jnp.abs(x), initial=0).astype(_tree.FLOAT32)
+            for x in _tree.float_leaves(tree)]
+  if not maxima:
+    return jnp.zeros((), _tree.FLOAT32)
+  return jnp.max(jnp.stack(maxima))
+
+
 def _summary(
     tree: Any) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
   """Per-leaf norms (None for non-gradient leaves), their vector, the global
-  norm (from the leaf norms), the largest |entry| and the number of
-  non-finite entries: all from one read of each leaf."""
-  found = jax.tree.map(lambda x: _tree.leaf_stats(x) if _is_gradient(x) else None,
-                       tree)
-  is_stats = lambda x: isinstance(x, _tree.LeafStats)
-  leaf_norms = jax.tree.map(lambda s: jnp.sqrt(s.sum_of_squares), found,
-                            is_leaf=is_stats)
-  every = [s for s in jax.tree.leaves(found, is_leaf=is_stats) if is_stats(s)]
+  norm (from the leaf norms: no second pass), the largest |entry| and the
+  number of non-finite entries."""
+  leaf_norms = jax.tree.map(
+      lambda x: _tree.leaf_norm(x) if _is_gradient(x) else None, tree)
   norms = jax.tree.leaves(leaf_norms)
   norms = jnp.stack(norms) if norms else jnp.zeros((0,), _tree.FLOAT32)
   norm = jnp.sqrt(jnp.sum(jnp.square(norms)))
-  if not every:
-    zero_i = jnp.zeros((), jnp.int32)
-    return leaf_norms, norms, norm, jnp.zeros((), _tree.FLOAT32), zero_i
-  maxima = jnp.stack([s.max_abs for s in every])
-  max_abs = jnp.where(jnp.any(jnp.isnan(maxima)), jnp.nan, jnp.max(maxima))
-  nonfinite = sum((s.nonfinite for s in every), jnp.zeros((), jnp.int32))
-  return leaf_norms, norms, norm, max_abs, nonfinite
+  # A finite global norm proves every entry finite: skip the count then.
+  nonfinite = jax.lax.cond(
+      jnp.isfinite(norm),
+      lambda: jnp.zeros((), jnp.int32),
+      lambda: _tree.count_nonfinite(tree))
+  return leaf_norms, norms, norm, _max_abs(tree), nonfinite
 
 
 def monitor(

@@ -361,24 +361,3 @@ def test_bad_thresholds_raise(kwargs, message):
     gc.monitor(**kwargs)
   with pytest.raises(ValueError, match=message):
     gc.report({"w": jnp.ones(2)}, **kwargs)
-
-
-@pytest.mark.parametrize("shape", [(1_000_003,), (1000, 1000), (3, 3, 64, 128),
-                                   (100_003, 7), (5,)],
-                         ids=["odd-vector", "square", "conv", "no-row-view", "tiny"])
-def test_leaf_stats_match_float64_in_one_pass(shape):
-  from gradcal_jax import _tree
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal(shape).astype(np.float32) * 3.0
-  got = jax.jit(lambda v: _tree.leaf_stats(v, 2.0))(jnp.asarray(x))
-  x64 = x.astype(np.float64)
-  np.testing.assert_allclose(got.sum_of_squares, np.sum(x64 ** 2), rtol=2e-6)
-  assert float(got.max_abs) == float(np.max(np.abs(x)))
-  assert int(got.nonfinite) == 0
-  assert float(got.above) == float(np.sum(np.abs(x) > 2.0))
-  flat = x.reshape(-1)
-  flat[len(flat) // 3] = np.nan
-  flat[-1] = -np.inf
-  bad = jax.jit(_tree.leaf_stats)(jnp.asarray(flat.reshape(shape)))
-  assert np.isnan(float(bad.sum_of_squares)) and np.isnan(float(bad.max_abs))
-  assert int(bad.nonfinite) == (2 if flat.size > 2 else 1)
