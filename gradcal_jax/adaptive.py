@@ -240,9 +240,10 @@ def zclip(
 
   def init_fn(params: Any) -> ZClipState:
     del params
-    zero = jnp.zeros((), FLOAT32)
-    return ZClipState(mean=zero, variance=zero, step=jnp.zeros((), INT32),
-                      norm=zero, threshold=zero, clipped=jnp.zeros((), INT32))
+    # One array per field: fields sharing a buffer cannot be donated.
+    zero = lambda: jnp.zeros((), FLOAT32)
+    return ZClipState(mean=zero(), variance=zero(), step=jnp.zeros((), INT32),
+                      norm=zero(), threshold=zero(), clipped=jnp.zeros((), INT32))
 
   def update_fn(updates: Any, state: ZClipState,
                 params: Any = None) -> tuple[Any, ZClipState]:
@@ -376,14 +377,15 @@ def skip_spikes(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: Any) -> SkipSpikesState:
-    zero = jnp.zeros((), FLOAT32)
-    count = jnp.zeros((), INT32)
+    # One array per field: fields sharing a buffer cannot be donated.
+    zero = lambda: jnp.zeros((), FLOAT32)
+    count = lambda: jnp.zeros((), INT32)
     return SkipSpikesState(
         inner_state=inner.init(params),
-        norms=jnp.zeros((window,), FLOAT32), norm_count=count,
-        losses=jnp.zeros((window,), FLOAT32), loss_count=count,
-        norm=zero, threshold=zero, num_skipped=count, num_nonfinite=count,
-        skipped=count)
+        norms=jnp.zeros((window,), FLOAT32), norm_count=count(),
+        losses=jnp.zeros((window,), FLOAT32), loss_count=count(),
+        norm=zero(), threshold=zero(), num_skipped=count(), num_nonfinite=count(),
+        skipped=count())
 
   def update_fn(updates: Any, state: SkipSpikesState, params: Any = None,
                 **extra_args: Any) -> tuple[Any, SkipSpikesState]:

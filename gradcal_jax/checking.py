@@ -939,9 +939,10 @@ def gradient_check(
 
   def init_fn(params: Any) -> GradientCheckState:
     del params
-    zero = jnp.zeros((), jnp.int32)
+    # One array per field: fields sharing a buffer cannot be donated.
+    zero = lambda: jnp.zeros((), jnp.int32)
     return GradientCheckState(
-        count=zero, steps_checked=zero, failures=zero, unreliable=zero,
+        count=zero(), steps_checked=zero(), failures=zero(), unreliable=zero(),
         worst_error=jnp.zeros((), FLOAT32), worst_leaf=jnp.full((), -1, jnp.int32))
 
   def update_fn(updates: Any, state: GradientCheckState, params: Any = None, *,

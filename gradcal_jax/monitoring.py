@@ -149,13 +149,14 @@ def monitor(
 
   def init_fn(params: Any) -> MonitorState:
     low, high = thresholds()
-    zero_f = jnp.zeros((), _tree.FLOAT32)
-    zero_i = jnp.zeros((), jnp.int32)
+    # One array per field: fields sharing a buffer cannot be donated.
+    zero_f = lambda: jnp.zeros((), _tree.FLOAT32)
+    zero_i = lambda: jnp.zeros((), jnp.int32)
     return MonitorState(
-        count=zero_i, norm=zero_f,
+        count=zero_i(), norm=zero_f(),
         leaf_norms=jax.tree.map(
-            lambda x: zero_f if _is_gradient(x) else None, params),
-        max_abs=zero_f, nonfinite=zero_i, vanishing=zero_i, exploding=zero_i,
+            lambda x: zero_f() if _is_gradient(x) else None, params),
+        max_abs=zero_f(), nonfinite=zero_i(), vanishing=zero_i(), exploding=zero_i(),
         vanishing_below=low, exploding_above=high)
 
   def update_fn(

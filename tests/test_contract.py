@@ -331,6 +331,18 @@ def test_lax_scan_over_five_steps_matches_a_loop(case):
                               rtol=1e-5, atol=1e-6)
 
 
+def test_a_fresh_state_can_be_donated(case):
+  # A state whose fields share one buffer (a zero reused in init) cannot be
+  # donated: "Attempt to donate the same buffer twice".
+  tx = case.build()
+  params = _tree(seed=1)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, **case.extra(g, p)),
+                   donate_argnums=1)
+  _, state = update(_grads_at(0), tx.init(params), params)
+  _, state = update(_grads_at(1), state, params)
+  chex.assert_tree_all_finite(gc.stats(state))
+
+
 # ---------------------------------------------------------------------------
 # 3. Dtypes
 
