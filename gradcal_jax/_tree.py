@@ -45,16 +45,22 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
   return jnp.sum(x * x)
 
 
+def total_sum_of_squares(tree: Any) -> jax.Array:
+  """The float32 sum of squares of every floating leaf of ``tree`` (0 for an
+  empty tree): the square of :func:`global_norm`, without the root."""
+  squares = [sum_of_squares(x) for x in float_leaves(tree)]
+  if not squares:
+    return jnp.zeros((), FLOAT32)
+  return sum(squares)
+
+
 def global_norm(tree: Any) -> jax.Array:
   """The L2 norm of every floating leaf of ``tree`` together, in float32.
 
   A float16 gradient whose norm exceeds 65504 still gets its true norm. An
   empty tree has norm 0.
   """
-  squares = [sum_of_squares(x) for x in float_leaves(tree)]
-  if not squares:
-    return jnp.zeros((), FLOAT32)
-  return jnp.sqrt(sum(squares))
+  return jnp.sqrt(total_sum_of_squares(tree))
 
 
 def leaf_norm(x: jax.Array) -> jax.Array:

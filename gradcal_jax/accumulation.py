@@ -237,8 +237,7 @@ def accumulate(
 
     # Noise scale: this micro-batch's squared norm (read with the gradient it
     # accumulates) and, at a boundary, that of the mean.
-    square = sum((_tree.sum_of_squares(g) for g in _tree.float_leaves(updates)),
-                 jnp.zeros((), FLOAT32))
+    square = _tree.total_sum_of_squares(updates)
     square_sum = state.square_sum + jnp.where(share > 0, weight * square, 0.0)
     positive = state.positive + (share > 0).astype(INT32)
     # XLA:CPU fuses no reduction with an elementwise output, so each norm is
@@ -247,7 +246,7 @@ def accumulate(
              if _tree.is_float(g)]
     mean_square = jax.lax.cond(
         boundary & (positive >= 2),
-        lambda xs: sum((_tree.sum_of_squares(x) for x in xs), jnp.zeros((), FLOAT32)),
+        _tree.total_sum_of_squares,
         lambda xs: jnp.zeros((), FLOAT32), means)
     trace, signal, estimated = _noise_estimates(square_sum, positive, total,
                                                 mean_square)

@@ -32,8 +32,11 @@ def _squares(tree: Any) -> Any:
       tree)
 
 
-def _count(flags: list[jax.Array]) -> jax.Array:
-  return sum((f.astype(INT32) for f in flags), jnp.zeros((), INT32))
+def _num_scaled(scales: Any, updates: Any) -> jax.Array:
+  """int32: how many floating leaves of ``updates`` have a scale below 1."""
+  return sum(((s < 1.0).astype(INT32)
+              for s, x in zip(jax.tree.leaves(scales), jax.tree.leaves(updates))
+              if _tree.is_float(x)), jnp.zeros((), INT32))
 
 
 # ------------------------------------------------------------------- AdaGC
@@ -143,12 +146,10 @@ def adagc(
                         beta * gamma + (1.0 - beta) * clipped)
       return jnp.where(jnp.isfinite(clipped), moved, gamma).astype(FLOAT32)
 
-    clipped = [s < 1.0 for s, x in zip(jax.tree.leaves(scales), jax.tree.leaves(updates))
-               if _tree.is_float(x)]
     return _tree.map_float(_tree.scale_leaf, updates, scales), AdaGCState(
         gamma=jax.tree.map(new_gamma, norms, scales, state.gamma),
         count=optax.safe_increment(state.count), norm=norm,
-        num_clipped=_count(clipped))
+        num_clipped=_num_scaled(scales, updates))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -454,12 +455,9 @@ def clip_update_rms(
     floats = [r for r, u in zip(jax.tree.leaves(rms), jax.tree.leaves(out))
               if _tree.is_float(u)]
     max_rms = jnp.max(jnp.stack(floats)) if floats else jnp.zeros((), FLOAT32)
-    num_clipped = _count([s < 1.0 for s, u in zip(jax.tree.leaves(scales),
-                                                  jax.tree.leaves(out))
-                          if _tree.is_float(u)])
     return _tree.map_float(_tree.scale_leaf, out, scales), ClipUpdateRMSState(
         inner_state=inner_state, max_rms=max_rms.astype(FLOAT32),
-        num_clipped=num_clipped)
+        num_clipped=_num_scaled(scales, out))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -33,12 +33,12 @@ def _grads(step: int) -> dict[str, np.ndarray]:
   return {k: np.asarray(v, np.float32) for k, v in grads.items()}
 
 
-def _run(tx, steps, jit, params=None):
+def _run(tx, steps, jit):
   state = tx.init(jax.tree.map(jnp.asarray, _grads(0)))
   update = jit(tx.update)
   outs = []
   for t in range(steps):
-    out, state = update(jax.tree.map(jnp.asarray, _grads(t)), state, params)
+    out, state = update(jax.tree.map(jnp.asarray, _grads(t)), state)
     outs.append(jax.tree.map(np.asarray, out))
   return outs, state
 
