@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,22 +45,212 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
   return jnp.sum(x * x)
 
 
-def total_sum_of_squares(tree: Any) -> jax.Array:
+def total_sum_of_squares(tree: Any, col: Collective | None = None) -> jax.Array:
   """The float32 sum of squares of every floating leaf of ``tree`` (0 for an
-  empty tree): the square of :func:`global_norm`, without the root."""
-  squares = [sum_of_squares(x) for x in float_leaves(tree)]
-  if not squares:
+  empty tree): the square of :func:`global_norm`, without the root. With
+  ``col``, over the whole tree that ``shard_map``'s blocks make up."""
+  floats = float_leaves(tree)
+  if not floats:
     return jnp.zeros((), FLOAT32)
+  squares = [sum_of_squares(x) for x in floats]
+  if col is not None:
+    return sum_over_leaves(col, squares, leaf_splits(col, tree, floats_only=True))
   return sum(squares)
 
 
-def global_norm(tree: Any) -> jax.Array:
+def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
   """The L2 norm of every floating leaf of ``tree`` together, in float32.
 
   A float16 gradient whose norm exceeds 65504 still gets its true norm. An
-  empty tree has norm 0.
+  empty tree has norm 0. With ``col``, the norm of the whole gradient inside
+  ``shard_map`` (one scalar ``psum`` per distinct way of splitting leaves).
   """
-  return jnp.sqrt(total_sum_of_squares(tree))
+  return jnp.sqrt(total_sum_of_squares(tree, col))
+
+
+# ------------------------------------------------------- inside shard_map
+
+
+class Collective(NamedTuple):
+  """How a transform reduces its statistics inside ``shard_map``.
+
+  ``shard_map`` hands each device a block of every leaf. A statistic of the
+  whole gradient (a global norm, a count, a top-k threshold) is then the
+  ``psum`` (or ``pmax``) of the blocks' own values over the mesh axes the leaf
+  is split on, and only over those: a leaf replicated along an axis already
+  holds the whole value there. Every such reduction moves scalars only.
+
+  Attributes:
+    axis_names: the mesh axes the transform reduces over (``axis_name=``).
+    partition: ``None`` (every floating leaf is split over all of
+      ``axis_names``, dimension unknown), or a pytree of ``PartitionSpec``
+      shaped like the updates: the ``in_specs`` the gradient was given to
+      ``shard_map`` with (``None`` entries mean replicated).
+  """
+  axis_names: tuple[str, ...]
+  partition: Any
+
+
+class LeafSplit(NamedTuple):
+  """How one leaf is split over a :class:`Collective`'s axes.
+
+  Attributes:
+    axes: the axes any of its dimensions is split on (sorted as given).
+    dims: per dimension, the axes it is split on; ``None`` when the
+      partition is not known (``Collective.partition`` is ``None``).
+  """
+  axes: tuple[str, ...]
+  dims: tuple[tuple[str, ...], ...] | None
+
+
+def collective(name: str, axis_name: Any, partition: Any = None) -> Collective | None:
+  """The :class:`Collective` of a factory's ``axis_name=`` / ``partition=``
+  (``None`` outside ``shard_map``), validated at build time."""
+  if axis_name is None:
+    if partition is not None:
+      raise ValueError(f"{name}: partition= needs axis_name=, got axis_name=None.")
+    return None
+  names = (axis_name,) if isinstance(axis_name, str) else axis_name
+  if (not isinstance(names, tuple) or not names
+      or not all(isinstance(n, str) and n for n in names)):
+    raise ValueError(
+        f"axis_name must be a mesh axis name or a non-empty tuple of names, "
+        f"got {axis_name!r}.")
+  return Collective(tuple(names), partition)
+
+
+def _is_spec(x: Any) -> bool:
+  return x is None or isinstance(x, jax.sharding.PartitionSpec)
+
+
+def leaf_splits(col: Collective, tree: Any, floats_only: bool = False) -> list[LeafSplit]:
+  """Each leaf's :class:`LeafSplit` (its floating leaves only, with
+  ``floats_only``), in ``jax.tree.leaves`` order."""
+  leaves, treedef = jax.tree.flatten(tree)
+  if col.partition is None:
+    specs = [None] * len(leaves)
+    known = False
+  else:
+    known = True
+    try:
+      specs = treedef.flatten_up_to(jax.tree.map(
+          lambda s: s, col.partition, is_leaf=_is_spec))
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "partition= must be a pytree of PartitionSpec shaped like the "
+          f"updates: {e}") from None
+  splits = []
+  for x, spec in zip(leaves, specs):
+    if floats_only and not is_float(x):
+      continue
+    if not known:
+      splits.append(LeafSplit(col.axis_names, None))
+      continue
+    entries = tuple(spec or ()) + (None,) * max(0, x.ndim - len(spec or ()))
+    dims = []
+    for entry in entries[:x.ndim]:
+      named = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+      dims.append(tuple(n for n in named if n in col.axis_names))
+    axes = tuple(n for n in col.axis_names if any(n in d for d in dims))
+    splits.append(LeafSplit(axes, tuple(dims)))
+  return splits
+
+
+def _groups(splits: list[LeafSplit]) -> dict[tuple[str, ...], list[int]]:
+  groups: dict[tuple[str, ...], list[int]] = {}
+  for i, split in enumerate(splits):
+    groups.setdefault(split.axes, []).append(i)
+  return groups
+
+
+def sum_over_leaves(col: Collective, values: list[jax.Array],
+                    splits: list[LeafSplit]) -> jax.Array:
+  """The sum of per-leaf block values over every leaf's whole extent and
+  over the leaves: one scalar ``psum`` per distinct :attr:`LeafSplit.axes`."""
+  del col
+  total = jnp.zeros((), jnp.result_type(*values)) if values else jnp.zeros((), FLOAT32)
+  for axes, index in _groups(splits).items():
+    part = sum(values[i] for i in index)
+    total = total + (jax.lax.psum(part, axes) if axes else part)
+  return total
+
+
+def per_leaf(col: Collective, values: list[jax.Array], splits: list[LeafSplit],
+             op: str = "sum") -> list[jax.Array]:
+  """Each leaf's block value reduced over the axes it is split on (``"sum"``
+  or ``"max"``): one ``psum``/``pmax`` of a short vector per group."""
+  del col
+  out = list(values)
+  reduce = jax.lax.psum if op == "sum" else jax.lax.pmax
+  for axes, index in _groups(splits).items():
+    if not axes:
+      continue
+    stacked = reduce(jnp.stack([values[i] for i in index]), axes)
+    for j, i in enumerate(index):
+      out[i] = stacked[j]
+  return out
+
+
+def dims_axes(split: LeafSplit, dims: Any) -> tuple[str, ...]:
+  """The mesh axes that the dimensions ``dims`` of a leaf are split on."""
+  if split.dims is None:
+    raise ValueError("this statistic needs partition= to know which dimensions "
+                     "are split (shard_map's in_specs).")
+  named = [a for d in dims for a in split.dims[d]]
+  return tuple(dict.fromkeys(named))
+
+
+def psum_over(value: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """``psum`` over ``axes``; ``value`` itself for none."""
+  return jax.lax.psum(value, axes) if axes else value
+
+
+def nan_pmax(value: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """The ``pmax`` of a float scalar over ``axes``, NaN if any device's is
+  (:func:`nan_max`'s semantics across devices)."""
+  if not axes:
+    return value
+  nan = jax.lax.pmax(jnp.isnan(value).astype(FLOAT32), axes) > 0
+  largest = jax.lax.pmax(jnp.where(jnp.isnan(value), -jnp.inf, value), axes)
+  return jnp.where(nan, jnp.nan, largest)
+
+
+def _varying(x: jax.Array) -> frozenset[str] | None:
+  """The ``shard_map`` axes ``x`` varies over (``check_vma``), or None when
+  that is not tracked."""
+  manual = getattr(jax.typeof(x), "manual_axis_type", None)
+  varying = getattr(manual, "varying", None)
+  return None if varying is None else frozenset(varying)
+
+
+def varying_like(value: jax.Array, x: jax.Array) -> jax.Array:
+  """``value`` typed as varying over the ``shard_map`` axes that ``x`` varies
+  over (``check_vma``), so a ``lax.cond`` branch that does not read ``x`` can
+  return it beside one that does; ``value`` itself elsewhere."""
+  axes = tuple(sorted(_varying(x) or ()))
+  return jax.lax.pcast(value, axes, to="varying") if axes else value
+
+
+def over_devices(col: Collective | None, value: jax.Array, op: str = "sum") -> jax.Array:
+  """A per-device scalar (a micro-batch weight, a flag) reduced over the
+  axes of ``col`` that it varies over (``op`` one of ``"sum"``, ``"mean"``,
+  ``"max"``, ``"min"``): along an axis where it is the same on every device it is one
+  value, not several (a weight of a batch split over ``data`` only is summed
+  over ``data``). Without ``check_vma`` every axis of ``col`` counts.
+  ``value`` itself outside ``shard_map``."""
+  if col is None:
+    return value
+  value = jnp.asarray(value)
+  varying = _varying(value)
+  axes = tuple(a for a in col.axis_names if varying is None or a in varying)
+  if not axes:
+    return value
+  reduce = {"sum": jax.lax.psum, "mean": jax.lax.pmean, "max": jax.lax.pmax,
+            "min": jax.lax.pmin}[op]
+  return reduce(value, axes)
+
+
+# --------------------------------------- leaf norms, scales, checks, the cond
 
 
 def leaf_norm(x: jax.Array) -> jax.Array:
@@ -68,22 +258,20 @@ def leaf_norm(x: jax.Array) -> jax.Array:
   return jnp.sqrt(sum_of_squares(x))
 
 
-def leaf_norms(tree: Any) -> Any:
+def leaf_norms(tree: Any, col: Collective | None = None) -> Any:
   """A tree shaped like ``tree`` holding each floating leaf's float32 L2 norm.
 
   Non-floating leaves map to a float32 zero so the result's structure never
-  depends on leaf dtypes.
+  depends on leaf dtypes. With ``col``, each norm is the whole leaf's.
   """
-  return jax.tree.map(
-      lambda x: leaf_norm(x) if is_float(x) else jnp.zeros((), FLOAT32), tree)
-
-
-def count_nonfinite(tree: Any) -> jax.Array:
-  """The number of non-finite entries over all floating leaves (int32)."""
-  counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in float_leaves(tree)]
-  if not counts:
-    return jnp.zeros((), jnp.int32)
-  return sum(counts)
+  if col is None:
+    return jax.tree.map(
+        lambda x: leaf_norm(x) if is_float(x) else jnp.zeros((), FLOAT32), tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  squares = [sum_of_squares(x) if is_float(x) else jnp.zeros((), FLOAT32)
+             for x in leaves]
+  squares = per_leaf(col, squares, leaf_splits(col, tree))
+  return treedef.unflatten([jnp.sqrt(q) for q in squares])
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -101,9 +289,29 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.isfinite(sum(sums))
 
 
-def size(tree: Any) -> int:
-  """The number of entries over all floating leaves (a Python int)."""
-  return sum(int(x.size) for x in float_leaves(tree))
+def nan_max(values: jax.Array, empty: float = 0.0) -> jax.Array:
+  """The largest entry of a small float array, NaN if any entry is NaN, and
+  ``empty`` for no entries: the same value on every topology.
+
+  XLA:CPU's vectorized max reduction can drop a NaN, depending on the array's
+  length and on how it is split across devices (one process gave 1.63 where
+  two gave NaN), so NaN is checked for on its own. Meant for a statistic's
+  few entries (one per leaf or per unit), not for a gradient-sized array.
+  """
+  values = jnp.asarray(values)
+  if values.size == 0:
+    return jnp.asarray(empty, values.dtype)
+  return jnp.where(jnp.any(jnp.isnan(values)), jnp.nan, jnp.max(values))
+
+
+def size(tree: Any, col: Collective | None = None) -> int:
+  """The number of entries over all floating leaves (a Python int); with
+  ``col``, of the whole leaves that ``shard_map``'s blocks make up."""
+  if col is None:
+    return sum(int(x.size) for x in float_leaves(tree))
+  return sum(int(x.size) * math.prod(jax.lax.axis_size(a) for a in split.axes)
+             for x, split in zip(float_leaves(tree),
+                                 leaf_splits(col, tree, floats_only=True)))
 
 
 def clip_scale(norm: jax.Array, max_norm: jax.Array | float) -> jax.Array:
@@ -199,8 +407,15 @@ def run_or_hold(
 
   The held branch computes nothing gradient-sized but the zero updates; the
   inner state passes through as is, so a training step that donates its
-  state updates it in place with no copy (without donation, XLA copies it: an
-  output may not alias an input that is not donated). The cast is a no-op
+  state updates it in place with no copy (without donation, XLA copies it
+  before the cond: an output may not alias an input that is not donated).
+  Writing the held state out as a new value instead (``where(run, 0, leaf)``)
+  moves that copy into the held branch, which XLA's count of an undonated
+  update likes (``skip_spikes(adam)`` 5.0 times the floor instead of 7.0), but
+  then XLA:CPU copies the state after the cond in a donated step (8.5 instead
+  of 6.5; 1.64 instead of 1.22 times Adam's wall time), unless
+  ``--xla_cpu_copy_insertion_use_region_analysis=true`` is set. Training
+  donates, so the state passes through (measured, ``benchmarks/``). The cast is a no-op
   except where the inner state's own dtype changes on its first update
   (optax.adam's moments of an integer leaf). ``update`` is the true branch:
   in the other order XLA:CPU copies the inner state after the cond even when

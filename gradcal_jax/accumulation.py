@@ -94,6 +94,8 @@ def accumulate(
     *,
     accumulator_dtype: Any = jnp.float32,
     noise_decay: float = 0.9,
+    axis_name: Any = None,
+    partition: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Accumulates ``every_k`` weighted micro-batch gradients, then runs ``inner``.
 
@@ -151,6 +153,15 @@ def accumulate(
     accumulator_dtype: dtype of the accumulation buffer (float32 by default;
       ``jnp.bfloat16`` halves its memory at some precision cost).
     noise_decay: decay of the noise-scale moving averages, in [0, 1).
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over. A ``weight=`` is then each device's share
+      of the micro-batch (its own token count, say): the micro-batch's weight
+      is their ``psum``, so every device normalises alike; each device passes
+      its block of the micro-batch's gradient. The noise-scale norms are
+      reduced with scalar ``psum`` calls. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once in
+      the norms; ``None``: every floating leaf is split over ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -178,6 +189,7 @@ def accumulate(
   _tree.check_int("every_k", every_k, low=1)
   _tree.check_number("noise_decay", noise_decay, low=0.0, high=1.0, high_open=True)
   inner = optax.with_extra_args_support(inner)
+  col = _tree.collective("accumulate", axis_name, partition)
 
   def init_fn(params: Any) -> AccumulateState:
     # One array per field: a state whose fields share a buffer cannot be
@@ -195,12 +207,17 @@ def accumulate(
   def update_fn(updates: Any, state: AccumulateState, params: Any = None, *,
                 weight: Any = None, **extra_args: Any
                 ) -> tuple[Any, AccumulateState]:
+    shared = weight is not None and col is not None
     if weight is None:
       weight = 1.0
     else:
       _tree.check_number("weight", weight, low=0.0)
     weight = jnp.asarray(weight, FLOAT32)
     valid = jnp.isfinite(weight) & (weight >= 0)
+    if shared:
+      # Each device's share, summed: invalid anywhere is invalid everywhere.
+      valid = _tree.over_devices(col, valid.astype(INT32), op="min") > 0
+      weight = _tree.over_devices(col, jnp.where(valid, weight, 0.0))
     weight = jnp.where(valid, weight, 0.0)
     total = state.weight + weight
     # The share of this micro-batch in the running mean; 0 skips it, so a
@@ -237,16 +254,21 @@ def accumulate(
 
     # Noise scale: this micro-batch's squared norm (read with the gradient it
     # accumulates) and, at a boundary, that of the mean.
-    square = _tree.total_sum_of_squares(updates)
+    square = _tree.total_sum_of_squares(updates, col)
     square_sum = state.square_sum + jnp.where(share > 0, weight * square, 0.0)
     positive = state.positive + (share > 0).astype(INT32)
     # XLA:CPU fuses no reduction with an elementwise output, so each norm is
     # a read of its own: the mean's is taken at a boundary only.
     means = [acc for g, acc in zip(jax.tree.leaves(updates), jax.tree.leaves(accumulator))
              if _tree.is_float(g)]
+    def means_square(xs: list[jax.Array]) -> jax.Array:
+      if col is None:
+        return _tree.total_sum_of_squares(xs)
+      return _tree.sum_over_leaves(col, [_tree.sum_of_squares(x) for x in xs],
+                                   _tree.leaf_splits(col, updates, floats_only=True))
+
     mean_square = jax.lax.cond(
-        boundary & (positive >= 2),
-        _tree.total_sum_of_squares,
+        boundary & (positive >= 2), means_square,
         lambda xs: jnp.zeros((), FLOAT32), means)
     trace, signal, estimated = _noise_estimates(square_sum, positive, total,
                                                 mean_square)

@@ -76,6 +76,9 @@ def _sorted_replace(ordered: jax.Array, old: jax.Array, evict: jax.Array,
 def autoclip(
     percentile: float = 10.0,
     history: int = 1000,
+    *,
+    axis_name: Any = None,
+    partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""Clips by global norm to a percentile of the recent gradient norms (AutoClip).
 
@@ -96,6 +99,12 @@ def autoclip(
     history: how many past norms (the current one included) are kept; an
       integer >= 1. It sets the state's size, so it cannot be injected with
       ``optax.inject_hyperparams`` (pass it in ``static_args``).
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: statistics are reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -116,6 +125,7 @@ def autoclip(
   """
   _tree.check_number("percentile", percentile, low=0.0, high=100.0)
   _tree.check_int("history", history, low=1)
+  col = _tree.collective("autoclip", axis_name, partition)
 
   def init_fn(params: Any) -> AutoClipState:
     del params
@@ -129,7 +139,7 @@ def autoclip(
   def update_fn(updates: Any, state: AutoClipState,
                 params: Any = None) -> tuple[Any, AutoClipState]:
     del params
-    norm = _tree.global_norm(updates)
+    norm = _tree.global_norm(updates, col)
     finite = jnp.isfinite(norm)
     full = state.count >= history
     evicted = state.norms[state.count % history]
@@ -185,6 +195,9 @@ def zclip(
     warmup_steps: int = 25,
     max_norm: float | None = None,
     eps: float = 1e-6,
+    *,
+    axis_name: Any = None,
+    partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""Clips gradient-norm outliers by their z-score against running moments (ZClip).
 
@@ -213,6 +226,12 @@ def zclip(
     warmup_steps: number of norms averaged before clipping starts; >= 1.
     max_norm: optional fixed cap on the norm at every step; >= 0.
     eps: added to the standard deviation in the z-score; >= 0.
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: statistics are reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ZClipState`.
@@ -237,6 +256,7 @@ def zclip(
   _tree.check_int("warmup_steps", warmup_steps, low=1)
   _tree.check_number("max_norm", max_norm, low=0.0)
   _tree.check_number("eps", eps, low=0.0)
+  col = _tree.collective("zclip", axis_name, partition)
 
   def init_fn(params: Any) -> ZClipState:
     del params
@@ -248,7 +268,7 @@ def zclip(
   def update_fn(updates: Any, state: ZClipState,
                 params: Any = None) -> tuple[Any, ZClipState]:
     del params
-    norm = _tree.global_norm(updates)
+    norm = _tree.global_norm(updates, col)
     finite = jnp.isfinite(norm)
     mean, variance = state.mean, state.variance
     warmup = state.step < warmup_steps
@@ -329,6 +349,9 @@ def skip_spikes(
     sigma: float = 6.0,
     window: int = 128,
     min_history: int = 64,
+    *,
+    axis_name: Any = None,
+    partition: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Skips steps whose gradient norm (or loss) is a spike or non-finite.
 
@@ -351,6 +374,15 @@ def skip_spikes(
     window: length of the history buffers; an integer >= 1.
     min_history: accepted steps needed before spikes are skipped, in
       [1, window]. Non-finite steps are always skipped.
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: statistics are reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
+      Inside ``shard_map`` a ``loss=`` that differs between devices is
+      averaged over the axes it varies on (per-device losses of equal
+      batches become the global one); a global loss stays as it is.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -375,6 +407,7 @@ def skip_spikes(
   _tree.check_int("min_history", min_history, low=1)
   _tree.check_number("min_history", min_history, low=1, high=window)
   inner = optax.with_extra_args_support(inner)
+  col = _tree.collective("skip_spikes", axis_name, partition)
 
   def init_fn(params: Any) -> SkipSpikesState:
     # One array per field: fields sharing a buffer cannot be donated.
@@ -390,12 +423,13 @@ def skip_spikes(
   def update_fn(updates: Any, state: SkipSpikesState, params: Any = None,
                 **extra_args: Any) -> tuple[Any, SkipSpikesState]:
     loss = extra_args.pop("loss", None)
-    norm = _tree.global_norm(updates)
+    norm = _tree.global_norm(updates, col)
     threshold = _limit(state.norms, state.norm_count, sigma)
     nonfinite = ~jnp.isfinite(norm)
     spike = (state.norm_count >= min_history) & (norm > threshold)
     if loss is not None:
       loss = jnp.asarray(loss, FLOAT32)
+      loss = _tree.over_devices(col, loss, op="mean")
       loss_limit = _limit(state.losses, state.loss_count, sigma)
       nonfinite = nonfinite | ~jnp.isfinite(loss)
       spike = spike | ((state.loss_count >= min_history) & (loss > loss_limit))

@@ -67,7 +67,8 @@ def _count_above(x: jax.Array, bound: jax.Array) -> jax.Array:
   return jnp.sum(jnp.sign(excess))
 
 
-def clip_by_value(max_abs: float) -> optax.GradientTransformation:
+def clip_by_value(max_abs: float, *, axis_name: Any = None,
+                  partition: Any = None) -> optax.GradientTransformation:
   """Clamps every entry of the gradient to ``[-max_abs, max_abs]``.
 
   .. math::
@@ -81,6 +82,12 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
 
   Args:
     max_abs: the largest absolute value an entry may keep, ``>= 0``.
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: statistics are reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is :class:`ClipByValueState`.
@@ -99,6 +106,7 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
     (section 3.3.3, gradient clipping by value).
   """
   _tree.check_number("max_abs", max_abs, low=0.0)
+  col = _tree.collective("clip_by_value", axis_name, partition)
 
   def init_fn(params: Any) -> ClipByValueState:
     del params
@@ -116,9 +124,11 @@ def clip_by_value(max_abs: float) -> optax.GradientTransformation:
       return clamped.astype(x.dtype)
 
     counts = [_count_above(x, bound) for x in _tree.float_leaves(updates)]
+    count = _sum(counts, FLOAT32) if col is None else _tree.sum_over_leaves(
+        col, counts, _tree.leaf_splits(col, updates, floats_only=True))
     new_state = ClipByValueState(
-        norm=_tree.global_norm(updates),
-        clipped_fraction=_fraction(_sum(counts, FLOAT32), _tree.size(updates)))
+        norm=_tree.global_norm(updates, col),
+        clipped_fraction=_fraction(count, _tree.size(updates, col)))
     return _tree.map_float(clamp, updates), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -141,7 +151,8 @@ class ClipByGlobalNormState(NamedTuple):
   scale: jax.Array
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, *, axis_name: Any = None,
+                        partition: Any = None) -> optax.GradientTransformation:
   """Rescales the gradient so that its global L2 norm is at most ``max_norm``.
 
   .. math::
@@ -159,6 +170,12 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
   Args:
     max_norm: the largest global norm the output may have, ``>= 0``.
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: statistics are reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -177,6 +194,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     <https://arxiv.org/abs/1211.5063>`_, 2013
   """
   _tree.check_number("max_norm", max_norm, low=0.0)
+  col = _tree.collective("clip_by_global_norm", axis_name, partition)
 
   def init_fn(params: Any) -> ClipByGlobalNormState:
     del params
@@ -185,7 +203,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del state, params
-    norm = _tree.global_norm(updates)
+    norm = _tree.global_norm(updates, col)
     scale = _tree.clip_scale(norm, max_norm)
     return (_tree.scale_tree(updates, scale),
             ClipByGlobalNormState(norm=norm, scale=scale))
@@ -212,7 +230,8 @@ class ClipByLayerNormState(NamedTuple):
   scale: Any
 
 
-def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_layer_norm(max_norm: float, *, axis_name: Any = None,
+                       partition: Any = None) -> optax.GradientTransformation:
   """Rescales each leaf of the gradient so that its L2 norm is at most ``max_norm``.
 
   .. math::
@@ -226,6 +245,12 @@ def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
 
   Args:
     max_norm: the largest L2 norm each leaf may have, ``>= 0``.
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: statistics are reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -244,6 +269,7 @@ def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
     <https://arxiv.org/abs/1708.03888>`_, 2017 (per-layer gradient scaling).
   """
   _tree.check_number("max_norm", max_norm, low=0.0)
+  col = _tree.collective("clip_by_layer_norm", axis_name, partition)
 
   def init_fn(params: Any) -> ClipByLayerNormState:
     return ClipByLayerNormState(
@@ -252,7 +278,7 @@ def clip_by_layer_norm(max_norm: float) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del state, params
-    norms = _tree.leaf_norms(updates)
+    norms = _tree.leaf_norms(updates, col)
     scales = jax.tree.map(lambda n: _tree.clip_scale(n, max_norm), norms)
     updates = _tree.map_float(_tree.scale_leaf, updates, scales)
     return updates, ClipByLayerNormState(norm=norms, scale=scales)
@@ -272,7 +298,9 @@ class AdaptiveGradClipState(NamedTuple):
     clipped_fraction: float32 fraction of the output units (over every
       floating leaf) whose gradient was rescaled at the last update.
     max_ratio: float32 largest ``||G_i|| / max(||W_i||, eps)`` over all units
-      before clipping; clipping happens where it exceeds ``clipping``.
+      before clipping; clipping happens where it exceeds ``clipping``. NaN
+      when any unit's ratio is (a NaN in the gradient or the params), on
+      every topology.
   """
   clipped_fraction: jax.Array
   max_ratio: jax.Array
@@ -327,6 +355,9 @@ def adaptive_grad_clip(
     clipping: float = 0.01,
     eps: float = 1e-3,
     unit_axes: UnitAxes = None,
+    *,
+    axis_name: Any = None,
+    partition: Any = None,
 ) -> optax.GradientTransformation:
   """Unit-wise adaptive gradient clipping (AGC), for Flax's kernel layout.
 
@@ -357,6 +388,14 @@ def adaptive_grad_clip(
       ``None`` for the default), matched by path, or a callable
       ``(path, leaf) -> axes or None`` with ``path`` a ``jax.tree_util`` key
       path.
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient and params are split over: a unit's norms are summed over
+      the devices that hold parts of it (a ``psum`` of one value per unit)
+      and the statistics with scalar ``psum`` calls, so the result equals the
+      jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, required: the gradient's pytree of
+      ``PartitionSpec`` (``shard_map``'s ``in_specs``; the params must be
+      split alike).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -379,6 +418,10 @@ def adaptive_grad_clip(
   _tree.check_number("clipping", clipping, low=0.0)
   _tree.check_number("eps", eps, low=0.0, low_open=True)
   get_axes = _axes_getter(unit_axes)
+  col = _tree.collective("adaptive_grad_clip", axis_name, partition)
+  if col is not None and partition is None:
+    raise ValueError("adaptive_grad_clip with axis_name= needs partition= (the "
+                     "gradient's PartitionSpecs), got partition=None.")
 
   def init_fn(params: Any) -> AdaptiveGradClipState:
     del params
@@ -389,27 +432,40 @@ def adaptive_grad_clip(
   def update_fn(updates, state, params=None):
     del state
     _tree.require_params("adaptive_grad_clip", params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    splits = (_tree.leaf_splits(col, updates) if col is not None
+              else [None] * len(flat))
     results = []
 
-    def clip_leaf(path, g, w):
+    def clip_leaf(path, g, w, split):
       if not _tree.is_float(g):
         return g
       axes = _reduce_axes(get_axes(path, g), g.ndim, repr(_stats.path_str(path)))
+      unit_dims = [d for d in range(g.ndim) if d not in axes]
+      # A unit's entries may lie on several devices (its reduced dimensions
+      # split): their partial sums add up; the units themselves are split
+      # over the other dimensions' axes, which the counts sum over.
+      within = () if split is None else _tree.dims_axes(split, axes)
+      across = () if split is None else _tree.dims_axes(split, unit_dims)
       g32 = g.astype(FLOAT32)
       w32 = w.astype(FLOAT32)
-      g_norm = jnp.sqrt(jnp.sum(g32 * g32, axis=axes, keepdims=True))
-      w_norm = jnp.maximum(
-          jnp.sqrt(jnp.sum(w32 * w32, axis=axes, keepdims=True)), eps)
+      g_norm = jnp.sqrt(_tree.psum_over(
+          jnp.sum(g32 * g32, axis=axes, keepdims=True), within))
+      w_norm = jnp.maximum(jnp.sqrt(_tree.psum_over(
+          jnp.sum(w32 * w32, axis=axes, keepdims=True), within)), eps)
       scale = _tree.clip_scale(g_norm, clipping * w_norm)
-      units = math.prod(g.shape[d] for d in range(g.ndim) if d not in axes)
-      results.append((jnp.sum(scale < 1.0, dtype=jnp.int32),
-                      jnp.max(g_norm / w_norm, initial=0.0), units))
+      units = math.prod(g.shape[d] for d in unit_dims) * math.prod(
+          jax.lax.axis_size(a) for a in across)
+      results.append((_tree.psum_over(jnp.sum(scale < 1.0, dtype=jnp.int32), across),
+                      _tree.nan_pmax(_tree.nan_max(g_norm / w_norm), across), units))
       return _tree.scale_leaf(g, scale)
 
-    updates = jax.tree_util.tree_map_with_path(clip_leaf, updates, params)
+    leaves = [clip_leaf(path, g, w, split) for (path, g), w, split in zip(
+        flat, treedef.flatten_up_to(params), splits)]
+    updates = treedef.unflatten(leaves)
     clipped = _sum([c for c, _, _ in results], jnp.int32)
-    max_ratio = jnp.max(jnp.stack([r for _, r, _ in results])) if results else (
-        jnp.zeros((), FLOAT32))
+    max_ratio = _tree.nan_max(jnp.stack([r for _, r, _ in results]) if results
+                              else jnp.zeros((0,), FLOAT32))
     total = sum(n for _, _, n in results)
     return updates, AdaptiveGradClipState(
         clipped_fraction=_fraction(clipped, total),
@@ -421,15 +477,25 @@ def adaptive_grad_clip(
 # -------------------------------------------------------------- centralize
 
 
-def _centralize_leaf(g: jax.Array) -> jax.Array:
+def _centralize_leaf(g: jax.Array, split: _tree.LeafSplit | None = None) -> jax.Array:
+  """One leaf minus its mean over every axis but the last; with ``split``
+  (inside ``shard_map``), the mean of the whole unit, wherever it lies."""
   if g.ndim < 2:
     return g
   g32 = g.astype(FLOAT32)
-  mean = jnp.mean(g32, axis=tuple(range(g.ndim - 1)), keepdims=True)
+  reduced = tuple(range(g.ndim - 1))
+  if split is None:
+    mean = jnp.mean(g32, axis=reduced, keepdims=True)
+  else:
+    within = _tree.dims_axes(split, reduced)
+    count = math.prod(g.shape[d] for d in reduced) * math.prod(
+        jax.lax.axis_size(a) for a in within)
+    mean = _tree.psum_over(jnp.sum(g32, axis=reduced, keepdims=True), within) / count
   return (g32 - mean).astype(g.dtype)
 
 
-def centralize() -> optax.GradientTransformation:
+def centralize(*, axis_name: Any = None,
+               partition: Any = None) -> optax.GradientTransformation:
   """Gradient centralization for Flax's layout: zero mean per output unit.
 
   For every floating leaf of rank >= 2, with output units on the last axis,
@@ -442,6 +508,14 @@ def centralize() -> optax.GradientTransformation:
   leading axis (PyTorch's ``(out, in, ...)`` layout) and so centres the wrong
   slices of a Flax kernel. The transform has no statistics worth logging and
   its state is ``optax.EmptyState()``.
+
+  Args:
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: where a unit's entries lie on several
+      devices, its sum is a ``psum`` of one value per unit, so the result
+      equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, required: the gradient's pytree of
+      ``PartitionSpec`` (``shard_map``'s ``in_specs``).
 
   Returns:
     An ``optax.GradientTransformation`` with an empty state.
@@ -459,6 +533,10 @@ def centralize() -> optax.GradientTransformation:
     Yong et al., `Gradient Centralization: A New Optimization Technique for
     Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_, 2020
   """
+  col = _tree.collective("centralize", axis_name, partition)
+  if col is not None and partition is None:
+    raise ValueError("centralize with axis_name= needs partition= (the "
+                     "gradient's PartitionSpecs), got partition=None.")
 
   def init_fn(params: Any) -> optax.EmptyState:
     del params
@@ -466,7 +544,12 @@ def centralize() -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    return _tree.map_float(_centralize_leaf, updates), state
+    if col is None:
+      return _tree.map_float(_centralize_leaf, updates), state
+    leaves, treedef = jax.tree.flatten(updates)
+    return treedef.unflatten([
+        _centralize_leaf(g, split) if _tree.is_float(g) else g
+        for g, split in zip(leaves, _tree.leaf_splits(col, updates))]), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -489,7 +572,8 @@ def _toward(x: jax.Array, direction: float) -> jax.Array:
   return jnp.nextafter(x, jnp.asarray(direction, x.dtype))
 
 
-def clip_weights(max_abs: float) -> optax.GradientTransformation:
+def clip_weights(max_abs: float, *, axis_name: Any = None,
+                 partition: Any = None) -> optax.GradientTransformation:
   """Changes the update so that the new weights lie in ``[-max_abs, max_abs]``.
 
   .. math::
@@ -506,6 +590,12 @@ def clip_weights(max_abs: float) -> optax.GradientTransformation:
 
   Args:
     max_abs: the largest absolute value a weight may take, ``>= 0``.
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: statistics are reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -525,6 +615,7 @@ def clip_weights(max_abs: float) -> optax.GradientTransformation:
     2017
   """
   _tree.check_number("max_abs", max_abs, low=0.0)
+  col = _tree.collective("clip_weights", axis_name, partition)
 
   def init_fn(params: Any) -> ClipWeightsState:
     del params
@@ -552,6 +643,9 @@ def clip_weights(max_abs: float) -> optax.GradientTransformation:
 
     updates = jax.tree.map(clip_leaf, updates, params)
     return updates, ClipWeightsState(
-        clipped_fraction=_fraction(_sum(counts, jnp.int32), _tree.size(updates)))
+        clipped_fraction=_fraction(
+            _sum(counts, jnp.int32) if col is None else _tree.sum_over_leaves(
+                col, counts, _tree.leaf_splits(col, updates, floats_only=True)),
+            _tree.size(updates, col)))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -75,6 +75,7 @@ def dynamic_loss_scale(
     backoff_factor: float = 0.5,
     min_scale: float = 1.0,
     max_scale: float = 2.0**24,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Dynamic loss scaling around ``inner``, for float16 training.
 
@@ -127,6 +128,10 @@ def dynamic_loss_scale(
     backoff_factor: what the scale is multiplied by on overflow, in (0, 1).
     min_scale: the scale never drops below this; > 0.
     max_scale: the scale never grows above this; in ``[min_scale, 3.4e38]``.
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: the finiteness flag is reduced over it
+      (one scalar ``pmin``), so every device skips the same steps and the
+      scale stays the same everywhere. ``None`` outside.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -159,6 +164,7 @@ def dynamic_loss_scale(
   _tree.check_number("backoff_factor", backoff_factor, low=0.0, high=1.0,
                      low_open=True, high_open=True)
   inner = optax.with_extra_args_support(inner)
+  col = _tree.collective("dynamic_loss_scale", axis_name)
   # Below a scale of 1, unscaling can overflow a finite entry.
   may_shrink = not (_tree.is_concrete(min_scale) and float(min_scale) >= 1.0)
 
@@ -189,6 +195,8 @@ def dynamic_loss_scale(
       finite = finite & _tree.all_finite(_tree.map_float(
           lambda g: unscale_leaf(jnp.max(jnp.abs(g), initial=0), g.dtype),
           updates))
+    if col is not None:
+      finite = _tree.over_devices(col, finite.astype(INT32), op="min") > 0
     new_updates, inner_state = _tree.run_or_hold(
         finite, lambda u, s, p: inner.update(unscale(u), s, p, **extra_args),
         updates, state.inner_state, params)

@@ -71,35 +71,61 @@ def _is_gradient(x: Any) -> bool:
   return _tree.is_float(x) and x.size > 0
 
 
-def _max_abs(tree: Any) -> jax.Array:
-  maxima = [jnp.max(jnp.abs(x), initial=0).astype(_tree.FLOAT32)
-            for x in _tree.float_leaves(tree)]
-  if not maxima:
-    return jnp.zeros((), _tree.FLOAT32)
-  return jnp.max(jnp.stack(maxima))
+def _max_abs(largest: jax.Array, norm: jax.Array) -> jax.Array:
+  """A leaf's largest |entry| (float32), NaN when the leaf holds a NaN.
+
+  A leaf's sum of squares is NaN exactly when an entry is (squares of
+  infinities are +inf, which no sum of non-negative terms turns into NaN), so
+  its norm says what XLA:CPU's max reduction may drop, at no extra pass.
+  """
+  return jnp.where(jnp.isnan(norm), jnp.nan, largest)
 
 
 def _summary(
-    tree: Any) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
+    tree: Any, col: _tree.Collective | None = None
+) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
   """Per-leaf norms (None for non-gradient leaves), their vector, the global
   norm (from the leaf norms: no second pass), the largest |entry| and the
-  number of non-finite entries."""
-  leaf_norms = jax.tree.map(
-      lambda x: _tree.leaf_norm(x) if _is_gradient(x) else None, tree)
-  norms = jax.tree.leaves(leaf_norms)
-  norms = jnp.stack(norms) if norms else jnp.zeros((0,), _tree.FLOAT32)
+  number of non-finite entries. With ``col``, of the whole leaves that
+  ``shard_map``'s blocks make up (scalar collectives only)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  index = [i for i, x in enumerate(leaves) if _is_gradient(x)]
+  splits = _tree.leaf_splits(col, tree) if col is not None else None
+  squares = [_tree.sum_of_squares(leaves[i]) for i in index]
+  maxima = [jnp.max(jnp.abs(leaves[i]), initial=0).astype(_tree.FLOAT32) for i in index]
+  if col is not None:
+    picked = [splits[i] for i in index]
+    squares = _tree.per_leaf(col, squares, picked)
+    maxima = _tree.per_leaf(col, maxima, picked, op="max")
+  per_leaf = [None] * len(leaves)
+  for i, q in zip(index, squares):
+    per_leaf[i] = jnp.sqrt(q)
+  leaf_norms = treedef.unflatten(per_leaf)
+  norms = jnp.stack([per_leaf[i] for i in index]) if index else jnp.zeros(
+      (0,), _tree.FLOAT32)
   norm = jnp.sqrt(jnp.sum(jnp.square(norms)))
-  # A finite global norm proves every entry finite: skip the count then.
-  nonfinite = jax.lax.cond(
-      jnp.isfinite(norm),
-      lambda: jnp.zeros((), jnp.int32),
-      lambda: _tree.count_nonfinite(tree))
-  return leaf_norms, norms, norm, _max_abs(tree), nonfinite
+
+  def count() -> jax.Array:
+    counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves
+              if _tree.is_float(x)]
+    if col is None or not counts:
+      return sum(counts, jnp.zeros((), jnp.int32))
+    return _tree.sum_over_leaves(col, counts, _tree.leaf_splits(col, tree, floats_only=True))
+
+  # A finite global norm proves every entry finite: skip the count then. The
+  # norm is global, so every device takes the same branch.
+  nonfinite = jax.lax.cond(jnp.isfinite(norm), lambda: jnp.zeros((), jnp.int32), count)
+  maxima = [_max_abs(m, per_leaf[i]) for i, m in zip(index, maxima)]
+  max_abs = _tree.nan_max(jnp.stack(maxima) if maxima else jnp.zeros((0,), _tree.FLOAT32))
+  return leaf_norms, norms, norm, max_abs, nonfinite
 
 
 def monitor(
     vanishing_below: float = _VANISHING_BELOW,
     exploding_above: float = _EXPLODING_ABOVE,
+    *,
+    axis_name: Any = None,
+    partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""Records the health of each gradient and passes it through unchanged.
 
@@ -120,6 +146,12 @@ def monitor(
       vanishing.
     exploding_above: a leaf whose L2 norm is above this (> vanishing_below)
       counts as exploding.
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: statistics are reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`MonitorState`.
@@ -142,6 +174,7 @@ def monitor(
     neural networks", ICML 2013.
   """
   _check_thresholds(vanishing_below, exploding_above)
+  col = _tree.collective("monitor", axis_name, partition)
 
   def thresholds() -> tuple[jax.Array, jax.Array]:
     return (jnp.asarray(vanishing_below, _tree.FLOAT32),
@@ -164,7 +197,7 @@ def monitor(
   ) -> tuple[Any, MonitorState]:
     del params
     low, high = thresholds()
-    leaf_norms, norms, norm, max_abs, nonfinite = _summary(updates)
+    leaf_norms, norms, norm, max_abs, nonfinite = _summary(updates, col)
     new_state = MonitorState(
         count=optax.safe_increment(state.count),
         norm=norm,

@@ -24,12 +24,30 @@ FLOAT32 = jnp.float32
 INT32 = jnp.int32
 
 
-def _squares(tree: Any) -> Any:
+def _whole(col: _tree.Collective | None, tree: Any, values: Any) -> Any:
+  """Per-leaf block scalars (a tree like ``tree``) summed over the devices
+  that hold each leaf's blocks inside ``shard_map``; ``values`` outside."""
+  if col is None:
+    return values
+  flat, treedef = jax.tree.flatten(values)
+  return treedef.unflatten(_tree.per_leaf(col, flat, _tree.leaf_splits(col, tree)))
+
+
+def _squares(tree: Any, col: _tree.Collective | None = None) -> Any:
   """Each floating leaf's float32 sum of squares (0 for other leaves): the
   per-tensor and the global norms of one pass."""
-  return jax.tree.map(
+  return _whole(col, tree, jax.tree.map(
       lambda x: _tree.sum_of_squares(x) if _tree.is_float(x) else jnp.zeros((), FLOAT32),
-      tree)
+      tree))
+
+
+def _sizes(col: _tree.Collective | None, tree: Any) -> list[int]:
+  """Each leaf's number of entries (of the whole leaf inside ``shard_map``)."""
+  leaves = jax.tree.leaves(tree)
+  if col is None:
+    return [int(x.size) for x in leaves]
+  return [int(x.size) * math.prod(jax.lax.axis_size(a) for a in split.axes)
+          for x, split in zip(leaves, _tree.leaf_splits(col, tree))]
 
 
 def _num_scaled(scales: Any, updates: Any) -> jax.Array:
@@ -65,6 +83,9 @@ def adagc(
     lambda_rel: float = 1.05,
     beta: float = 0.98,
     warmup_steps: int = 100,
+    *,
+    axis_name: Any = None,
+    partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""Adaptive per-tensor gradient clipping against an EMA of clipped norms (AdaGC).
 
@@ -99,6 +120,13 @@ def adagc(
     warmup_steps: updates clipped globally before per-tensor clipping
       starts; an integer >= 1 (the first update sets every :math:`\gamma_i`).
 
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: statistics are reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
+
   Returns:
     An ``optax.GradientTransformation`` whose state is an :class:`AdaGCState`.
 
@@ -120,6 +148,8 @@ def adagc(
   _tree.check_number("beta", beta, low=0.0, high=1.0, high_open=True)
   _tree.check_int("warmup_steps", warmup_steps, low=1)
 
+  col = _tree.collective("adagc", axis_name, partition)
+
   def init_fn(params: Any) -> AdaGCState:
     return AdaGCState(
         gamma=jax.tree.map(lambda _: jnp.full((), jnp.inf, FLOAT32), params),
@@ -129,7 +159,7 @@ def adagc(
   def update_fn(updates: Any, state: AdaGCState,
                 params: Any = None) -> tuple[Any, AdaGCState]:
     del params
-    squares = _squares(updates)
+    squares = _squares(updates, col)
     norms = jax.tree.map(jnp.sqrt, squares)
     norm = jnp.sqrt(sum(jax.tree.leaves(squares), jnp.zeros((), FLOAT32)))
     warm = state.count < warmup_steps
@@ -180,7 +210,8 @@ class SpamState(NamedTuple):
 
 def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
                eps: float, theta: float, interval: int, warmup_steps: int,
-               clip_delay: int, weight_decay: float) -> optax.GradientTransformation:
+               clip_delay: int, weight_decay: float,
+               col: _tree.Collective | None) -> optax.GradientTransformation:
   """SPAM's whole step: Adam with its clipping, resets and warm-up, decay."""
   decays = not (_tree.is_concrete(weight_decay) and float(weight_decay) == 0.0)
 
@@ -212,7 +243,7 @@ def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     grads, treedef = jax.tree.flatten(updates)
     weights = treedef.flatten_up_to(params) if decays else [None] * len(grads)
-    out, mus, nus, counts = [], [], [], []
+    out, mus, nus, counts, counted = [], [], [], [], []
     for g, mu, nu, w in zip(grads, treedef.flatten_up_to(state.mu),
                             treedef.flatten_up_to(state.nu), weights):
       if not _tree.is_float(g):
@@ -224,6 +255,7 @@ def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
       # Finite entries only: an inf is never clipped into a plausible value.
       spike = clip & jnp.isfinite(g32) & (g32 * g32 > theta * nu)
       counts.append(jnp.sum(spike, dtype=INT32))
+      counted.append(g)
       g32 = jnp.where(spike, jnp.sign(g32) * jnp.sqrt(theta * nu), g32)
       mus.append(b1 * mu + (1.0 - b1) * g32)
       nus.append(b2 * nu + (1.0 - b2) * g32 * g32)
@@ -233,7 +265,9 @@ def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
       out.append((-lr * step_dir).astype(g.dtype))
     return treedef.unflatten(out), SpamState(
         count=optax.safe_increment(state.count), mu=treedef.unflatten(mus),
-        nu=treedef.unflatten(nus), num_clipped=sum(counts, jnp.zeros((), INT32)),
+        nu=treedef.unflatten(nus),
+        num_clipped=sum(counts, jnp.zeros((), INT32)) if col is None or not counts
+        else _tree.sum_over_leaves(col, counts, _tree.leaf_splits(col, updates, True)),
         warmup_factor=factor)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -249,6 +283,9 @@ def spam(
     warmup_steps: int = 150,
     clip_delay: int = 20,
     weight_decay: float = 0.0,
+    *,
+    axis_name: Any = None,
+    partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""SPAM: Adam with spike-aware clipping and periodic momentum reset.
 
@@ -293,6 +330,13 @@ def spam(
     weight_decay: decoupled weight decay; >= 0 (``update`` needs params unless
       it is 0, under ``optax.inject_hyperparams`` too).
 
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: its count of clipped entries is reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
+
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`SpamState`.
 
@@ -319,7 +363,8 @@ def spam(
   _tree.check_int("clip_delay", clip_delay, low=2)
   _tree.check_number("weight_decay", weight_decay, low=0.0)
   return _spam_core(learning_rate, b1, b2, eps, theta, interval, warmup_steps,
-                    clip_delay, weight_decay)
+                    clip_delay, weight_decay,
+                    _tree.collective("spam", axis_name, partition))
 
 
 # --------------------------------------------------------- update RMS clip
@@ -332,7 +377,8 @@ class ClipUpdateRMSState(NamedTuple):
   Attributes:
     inner_state: the wrapped transform's state (``optax.EmptyState()``
       without one).
-    max_rms: float32, the largest per-tensor RMS at the last update.
+    max_rms: float32, the largest per-tensor RMS at the last update; NaN
+      when any tensor's RMS is NaN.
     num_clipped: int32, tensors scaled down at the last update.
   """
   inner_state: Any
@@ -359,6 +405,8 @@ def clip_update_rms(
     threshold: float = 1.0,
     b2: float = 0.999,
     eps: float = 1e-8,
+    axis_name: Any = None,
+    partition: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales each tensor's update down by its RMS: StableAdamW's update clipping.
 
@@ -392,6 +440,13 @@ def clip_update_rms(
     b2: ``inner``'s second-moment decay, for the bias correction; in [0, 1).
     eps: floor :math:`\epsilon` of :math:`\sqrt{\hat v}`; > 0.
 
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: each tensor's RMS is reduced over it with scalar
+      ``psum`` calls, so the result equals the jit/SPMD one. ``None`` outside.
+    partition: with ``axis_name``, the gradient's pytree of ``PartitionSpec``
+      (``shard_map``'s ``in_specs``) so that replicated leaves count once;
+      ``None``: every floating leaf is split over ``axis_name``.
+
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`ClipUpdateRMSState`.
@@ -414,6 +469,7 @@ def clip_update_rms(
   _tree.check_number("b2", b2, low=0.0, high=1.0, high_open=True)
   _tree.check_number("eps", eps, low=0.0, low_open=True)
   wrapped = None if inner is None else optax.with_extra_args_support(inner)
+  col = _tree.collective("clip_update_rms", axis_name, partition)
 
   def init_fn(params: Any) -> ClipUpdateRMSState:
     inner_state = optax.EmptyState() if wrapped is None else wrapped.init(params)
@@ -429,11 +485,11 @@ def clip_update_rms(
 
   def update_fn(updates: Any, state: ClipUpdateRMSState, params: Any = None,
                 **extra_args: Any) -> tuple[Any, ClipUpdateRMSState]:
+    sizes = jax.tree.unflatten(jax.tree.structure(updates), _sizes(col, updates))
     if wrapped is None:
       inner_state = state.inner_state
-      rms = jax.tree.map(
-          lambda u: jnp.sqrt(_tree.sum_of_squares(u) / max(u.size, 1))
-          if _tree.is_float(u) else jnp.zeros((), FLOAT32), updates)
+      rms = jax.tree.map(lambda q, n: jnp.sqrt(q / max(n, 1)),
+                         _squares(updates, col), sizes)
       out = updates
     else:
       out, inner_state = wrapped.update(updates, state.inner_state, params,
@@ -441,20 +497,20 @@ def clip_update_rms(
       nu, count = _second_moment(inner_state)
       debias = 1.0 - b2 ** count.astype(FLOAT32)
 
-      def leaf_rms(g: jax.Array, v: jax.Array) -> jax.Array:
+      def leaf_ratio(g: jax.Array, v: jax.Array) -> jax.Array:
         if not _tree.is_float(g):
           return jnp.zeros((), FLOAT32)
         v_hat = jnp.maximum(v.astype(FLOAT32) / debias, eps ** 2)
-        ratio = jnp.square(g.astype(FLOAT32)) / v_hat
-        return jnp.sqrt(jnp.sum(ratio) / max(g.size, 1))
+        return jnp.sum(jnp.square(g.astype(FLOAT32)) / v_hat)
 
-      rms = jax.tree.map(leaf_rms, updates, nu)
+      ratios = _whole(col, updates, jax.tree.map(leaf_ratio, updates, nu))
+      rms = jax.tree.map(lambda q, n: jnp.sqrt(q / max(n, 1)), ratios, sizes)
     scales = jax.tree.map(
         lambda r: jnp.where(jnp.isfinite(r) & (r > threshold), threshold / r, 1.0)
         .astype(FLOAT32), rms)
     floats = [r for r, u in zip(jax.tree.leaves(rms), jax.tree.leaves(out))
               if _tree.is_float(u)]
-    max_rms = jnp.max(jnp.stack(floats)) if floats else jnp.zeros((), FLOAT32)
+    max_rms = _tree.nan_max(jnp.stack(floats) if floats else jnp.zeros((0,), FLOAT32))
     return _tree.map_float(_tree.scale_leaf, out, scales), ClipUpdateRMSState(
         inner_state=inner_state, max_rms=max_rms.astype(FLOAT32),
         num_clipped=_num_scaled(scales, out))

@@ -57,15 +57,50 @@ def _magnitude_bits(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(jnp.abs(x), UINT32)
 
 
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+def _flat_index(shape: tuple[int, ...],
+                split: _tree.LeafSplit | None = None) -> jax.Array:
   # The row-major position of every entry, built from per-axis iotas so a
   # sharded leaf is never reshaped (a reshape could move data between devices).
+  # Inside shard_map (``split``), the position in the whole leaf: each split
+  # dimension is offset by this device's block along it.
   index = jnp.zeros(shape, INT32)
   stride = 1
   for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(INT32, shape, axis) * stride
-    stride *= shape[axis]
+    iota = jax.lax.broadcasted_iota(INT32, shape, axis)
+    extent = shape[axis]
+    if split is not None and split.dims[axis]:
+      names = split.dims[axis]
+      iota = iota + jax.lax.axis_index(names).astype(INT32) * extent
+      extent *= math.prod(jax.lax.axis_size(a) for a in names)
+    index = index + iota * stride
+    stride *= extent
   return index
+
+
+class _Whole(NamedTuple):
+  """How the threshold search sees whole leaves: identity outside
+  ``shard_map``; inside, each leaf's block values reduced over the axes it is
+  split on (scalars per leaf), and the blocks' positions in the whole leaf."""
+  col: _tree.Collective | None
+  splits: tuple[_tree.LeafSplit, ...] | None
+
+  def sum(self, values: list[jax.Array]) -> jax.Array:
+    if self.col is None:
+      return jnp.stack(values)
+    return jnp.stack(_tree.per_leaf(self.col, values, list(self.splits)))
+
+  def max(self, values: list[jax.Array]) -> jax.Array:
+    if self.col is None:
+      return jnp.stack(values)
+    return jnp.stack(_tree.per_leaf(self.col, values, list(self.splits), op="max"))
+
+  def size(self, i: int, x: jax.Array) -> int:
+    if self.col is None:
+      return x.size
+    return x.size * math.prod(jax.lax.axis_size(a) for a in self.splits[i].axes)
+
+  def index(self, i: int, x: jax.Array) -> jax.Array:
+    return _flat_index(x.shape, None if self.col is None else self.splits[i])
 
 
 def _count(mask: jax.Array) -> jax.Array:
@@ -81,31 +116,36 @@ def _count(mask: jax.Array) -> jax.Array:
   return jnp.sum(mask, dtype=INT32)
 
 
-def _count_if(active: jax.Array, mask_fn: Any) -> jax.Array:
-  # A leaf whose search has ended skips its pass over the data.
-  return jax.lax.cond(active, lambda: _count(mask_fn()), lambda: jnp.zeros((), INT32))
+def _count_if(active: jax.Array, x: jax.Array, mask_fn: Any) -> jax.Array:
+  # A leaf whose search has ended skips its pass over the data (``x``).
+  return jax.lax.cond(active, lambda: _count(mask_fn()),
+                      lambda: _tree.varying_like(jnp.zeros((), INT32), x))
 
 
-# Jitted so that an eager caller compiles the two search loops once per set of
-# leaf shapes rather than on every call; under an outer jit it is inlined.
-@jax.jit
-def _thresholds(xs: list[jax.Array], ks: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _thresholds(xs: list[jax.Array], ks: jax.Array,
+                whole: _Whole = _Whole(None, None)) -> tuple[jax.Array, jax.Array]:
   """Per leaf, the k-th largest magnitude ``t`` and the tie cut-off ``j``.
 
   Leaf ``i`` keeps the entries with magnitude above ``t[i]``, and those equal
   to it whose flat index is below ``j[i]``: exactly ``ks[i]`` entries.
   Only scalars are reduced over each leaf, never a sort or a gather.
   """
+  if whole.col is None:
+    return _thresholds_jit(xs, ks)
+  return _search(xs, ks, whole)
+
+
+def _search(xs: list[jax.Array], ks: jax.Array, whole: _Whole) -> tuple[jax.Array, jax.Array]:
   n = len(xs)
-  sizes = jnp.array([x.size for x in xs], INT32)
+  sizes = jnp.array([whole.size(i, x) for i, x in enumerate(xs)], INT32)
   big = jnp.uint32(2**31)  # above every |x| bit pattern, NaN included
 
   # One pass of float reductions (max |x| and the sum of squares) bounds the
   # search and seeds its first guess. The bound is used only when every entry
   # is finite (the sum of squares says so); 0x00800000, the smallest normal
   # float, keeps it above denormals that a max may flush to zero.
-  max_abs = jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in xs])
-  squares = jnp.stack([jnp.sum(x * x) for x in xs])
+  max_abs = whole.max([jnp.max(jnp.abs(x), initial=0.0) for x in xs])
+  squares = whole.sum([jnp.sum(x * x) for x in xs])
   finite = jnp.isfinite(squares)
   hi = jnp.where(finite, jnp.maximum(_magnitude_bits(max_abs) + 1, jnp.uint32(0x00800000)),
                  big)
@@ -133,8 +173,8 @@ def _thresholds(xs: list[jax.Array], ks: jax.Array) -> tuple[jax.Array, jax.Arra
     use_mid = bisect | too_wide | (guess <= lo) | (guess >= hi)
     cand = jnp.where(use_mid, lo + width // 2, guess)
     active = ~value_done(lo, hi, count_lo)
-    count = jnp.stack([
-        _count_if(active[i], lambda x=x, i=i: _magnitude_bits(x) >= cand[i])
+    count = whole.sum([
+        _count_if(active[i], x, lambda x=x, i=i: _magnitude_bits(x) >= cand[i])
         for i, x in enumerate(xs)])
     up = active & (count >= ks)
     down = active & (count < ks)
@@ -166,9 +206,9 @@ def _thresholds(xs: list[jax.Array], ks: jax.Array) -> tuple[jax.Array, jax.Arra
       j_lo, j_hi = carry
       mid = j_lo + (j_hi - j_lo) // 2
       active = j_hi - j_lo > 1
-      counts = jnp.stack([
-          _count_if(active[i], lambda x=x, i=i: (_magnitude_bits(x) == lo[i])
-                    & (_flat_index(x.shape) < mid[i]))
+      counts = whole.sum([
+          _count_if(active[i], x, lambda x=x, i=i: (_magnitude_bits(x) == lo[i])
+                    & (whole.index(i, x) < mid[i]))
           for i, x in enumerate(xs)])
       enough = counts >= need
       return (jnp.where(active & ~enough, mid, j_lo),
@@ -182,10 +222,17 @@ def _thresholds(xs: list[jax.Array], ks: jax.Array) -> tuple[jax.Array, jax.Arra
   return lo, cut
 
 
+# Jitted so that an eager caller compiles the two search loops once per set of
+# leaf shapes rather than on every call; under an outer jit it is inlined.
+_thresholds_jit = jax.jit(lambda xs, ks: _search(xs, ks, _Whole(None, None)))
+
+
 def truncate_top_k(
     fraction: float,
     *,
     error_feedback: bool = True,
+    axis_name: Any = None,
+    partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""Keeps the largest ``fraction`` of each leaf's entries and zeroes the rest.
 
@@ -220,6 +267,13 @@ def truncate_top_k(
     fraction: the fraction of each leaf's entries to keep, in (0, 1].
     error_feedback: whether to carry what is dropped into the next step
       (Stich et al.); without it the dropped part is lost.
+    axis_name: inside ``shard_map``, the mesh axis name (or tuple of names)
+      the gradient is split over: each leaf's k is that of the whole leaf and
+      every pass's count a scalar ``psum`` per leaf, so exactly the entries
+      the jit/SPMD transform keeps are kept, ties included. ``None`` outside.
+    partition: with ``axis_name``, required: the gradient's pytree of
+      ``PartitionSpec`` (``shard_map``'s ``in_specs``), which places each
+      block in its leaf for the ties.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -239,6 +293,10 @@ def truncate_top_k(
     `Sparsified SGD with Memory <https://arxiv.org/abs/1809.07599>`_, 2018.
   """
   _tree.check_number("fraction", fraction, low=0.0, high=1.0, low_open=True)
+  col = _tree.collective("truncate_top_k", axis_name, partition)
+  if col is not None and partition is None:
+    raise ValueError("truncate_top_k with axis_name= needs partition= (the "
+                     "gradient's PartitionSpecs), got partition=None.")
 
   def init_fn(params: Any) -> TruncateTopKState:
     residual = None
@@ -260,9 +318,12 @@ def truncate_top_k(
     if not xs:
       return updates, state._replace(
           kept_fraction=jnp.zeros((), FLOAT32), dropped_norm=jnp.zeros((), FLOAT32))
-    ks_list = [_keep_count(fraction, x.size) for x in xs]
+    whole = _Whole(col, None if col is None else tuple(
+        _tree.leaf_splits(col, updates, floats_only=True)))
+    sizes = [whole.size(i, x) for i, x in enumerate(xs)]
+    ks_list = [_keep_count(fraction, size) for size in sizes]
     ks = jnp.stack([jnp.asarray(k, INT32) for k in ks_list])
-    lo, cut = _thresholds(xs, ks)
+    lo, cut = _thresholds(xs, ks, whole)
 
     leaves, treedef = jax.tree.flatten(updates)
     x_leaves = jax.tree.leaves(xs_tree)
@@ -274,7 +335,7 @@ def truncate_top_k(
         dropped.append(x)
         continue
       bits = _magnitude_bits(x)
-      keep = (bits > lo[i]) | ((bits == lo[i]) & (_flat_index(x.shape) < cut[i]))
+      keep = (bits > lo[i]) | ((bits == lo[i]) & (whole.index(i, x) < cut[i]))
       out = jnp.where(keep, x, 0.0).astype(g.dtype)
       if g.dtype == FLOAT32:
         left = jnp.where(keep, 0.0, x)
@@ -292,11 +353,11 @@ def truncate_top_k(
     if error_feedback:
       residual = jax.tree.map(lambda d, r: d if _tree.is_float(d) else r,
                               dropped_tree, state.residual)
-    total = sum(x.size for x in xs)
+    total = sum(sizes)
     kept = sum(jnp.asarray(k, FLOAT32) for k in ks_list) / max(total, 1)
     return jax.tree.unflatten(treedef, outs), TruncateTopKState(
         kept_fraction=jnp.asarray(kept, FLOAT32),
-        dropped_norm=_tree.global_norm(dropped_tree),
+        dropped_norm=_tree.global_norm(dropped_tree, col),
         residual=residual)
 
   return optax.GradientTransformation(init_fn, update_fn)

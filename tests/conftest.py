@@ -14,6 +14,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402  (after the flags above, like every jax import)
 
+# A script that test_multiprocess.py runs in processes of its own (it sets
+# its own device count before importing jax), not a module to import.
+collect_ignore = ["multiprocess_worker.py"]
+
 
 @pytest.fixture
 def donated_step_copies():
