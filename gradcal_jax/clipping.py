@@ -223,8 +223,10 @@ class ClipByLayerNormState(NamedTuple):
   value per layer.
 
   Attributes:
-    norm: each leaf's float32 L2 norm before clipping.
-    scale: the float32 factor applied to each leaf, in ``[0, 1]``.
+    norm: each leaf's float32 L2 norm before clipping (``inf`` with an
+      infinite entry, NaN with a NaN entry).
+    scale: the float32 factor applied to each leaf, in ``[0, 1]``; 1 for a
+      leaf whose norm is not finite.
   """
   norm: Any
   scale: Any
@@ -563,7 +565,8 @@ class ClipWeightsState(NamedTuple):
 
   Attributes:
     clipped_fraction: float32 fraction of the floating weights whose update
-      was changed to keep them in range at the last update.
+      was changed to keep them in range at the last update; a weight whose
+      ``w + u`` is not finite is left as it is and not counted.
   """
   clipped_fraction: jax.Array
 

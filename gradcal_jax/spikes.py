@@ -197,7 +197,8 @@ class SpamState(NamedTuple):
     mu: float32 first moment, shaped like the gradient (integer leaves kept
       as they are).
     nu: float32 second moment, likewise.
-    num_clipped: int32, entries clipped as spikes at the last update.
+    num_clipped: int32, entries clipped as spikes at the last update
+      (non-finite entries are never clipped, so never counted).
     warmup_factor: float32, the learning-rate factor of the last update
       (below 1 during the cosine warm-up after a reset).
   """

@@ -23,9 +23,12 @@ class TruncateTopKState(NamedTuple):
   Attributes:
     kept_fraction: float32, the fraction of gradient entries emitted at the
       last step: sum over leaves of ``ceil(fraction * size)`` over the total
-      number of entries.
+      number of entries (it does not depend on the values, NaN included).
     dropped_norm: float32, the L2 norm of what was not emitted at the last
-      step (with error feedback, the norm of the residual carried over).
+      step (with error feedback, the norm of the residual carried over);
+      ``inf`` or NaN when a dropped entry is (a NaN counts as the largest
+      magnitude and is emitted, so it is dropped only when k is smaller than
+      the number of NaNs).
     residual: with ``error_feedback``, the float32 part of past gradients not
       yet emitted, shaped like the gradient (integer leaves are kept as they
       are and never read); ``None`` without error feedback.

@@ -31,3 +31,17 @@ def test_readme_float16_recipe_runs_after_the_usage_example():
   found = namespace["gc"].stats(namespace["optimizer"].opt_state)
   assert float(found["dynamic_loss_scale/scale"]) == 2.0**15
   assert int(found["dynamic_loss_scale/good_steps"]) == 1
+
+
+def test_readme_shard_map_example_gives_the_jit_norm():
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+  assert len(blocks) >= 3, "README.md has no shard_map example"
+  namespace: dict = {}
+  with contextlib.redirect_stdout(io.StringIO()):
+    for block in blocks[:3]:
+      exec(compile(block, str(README), "exec"), namespace)
+  import jax.numpy as jnp
+  grads = namespace["grads"]
+  want = float(jnp.sqrt(sum(jnp.sum(x * x) for x in grads.values())))
+  got = float(namespace["gc"].stats(namespace["state"])["clip_by_global_norm/norm"])
+  assert abs(got - want) < 1e-5 * want
