@@ -9,8 +9,8 @@ each step (gathered whole) and its own copy of every statistic to
 ``OUT.<process id>.npz``, so the test can compare the two topologies entry for
 entry and check that both processes took every decision alike.
 
-The gradients are sharded across both processes: uneven shapes, leaves split
-over one axis or both, replicated leaves. Step 2 puts a NaN and step 4 a spike
+The gradients are sharded across both processes: leaves of unequal shapes,
+split over one axis or both, and replicated leaves. Step 2 puts a NaN and step 4 a spike
 (1e6) in entries that only process 1 holds, step 5 an inf there.
 """
 
@@ -41,8 +41,9 @@ import gradcal_jax as gc  # noqa: E402
 
 STEPS = 6
 MESH = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-# name -> (shape, partition spec): split over data, model or both, uneven
-# sizes per process, and replicated leaves.
+# name -> (shape, partition spec): split over data, model or both, leaves of
+# unequal sizes (jax.sharding needs each split dimension divisible; 42 rows
+# over 4 devices raises IndivisibleError), and replicated leaves.
 LAYOUT = {
     "dense/kernel": ((24, 10), P("data", "model")),
     "dense/bias": ((10,), P("model")),
