@@ -39,35 +39,6 @@ def float_leaves(tree: Any) -> list[jax.Array]:
   return [x for x in jax.tree.leaves(tree) if is_float(x)]
 
 
-def sum_of_squares(x: jax.Array) -> jax.Array:
-  """Sum of squares of one leaf, accumulated in float32."""
-  x = x.astype(FLOAT32)
-  return jnp.sum(x * x)
-
-
-def total_sum_of_squares(tree: Any, col: Collective | None = None) -> jax.Array:
-  """The float32 sum of squares of every floating leaf of ``tree`` (0 for an
-  empty tree): the square of :func:`global_norm`, without the root. With
-  ``col``, over the whole tree that ``shard_map``'s blocks make up."""
-  floats = float_leaves(tree)
-  if not floats:
-    return jnp.zeros((), FLOAT32)
-  squares = [sum_of_squares(x) for x in floats]
-  if col is not None:
-    return sum_over_leaves(col, squares, leaf_splits(col, tree, floats_only=True))
-  return sum(squares)
-
-
-def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
-  """The L2 norm of every floating leaf of ``tree`` together, in float32.
-
-  A float16 gradient whose norm exceeds 65504 still gets its true norm. An
-  empty tree has norm 0. With ``col``, the norm of the whole gradient inside
-  ``shard_map`` (one scalar ``psum`` per distinct way of splitting leaves).
-  """
-  return jnp.sqrt(total_sum_of_squares(tree, col))
-
-
 # ------------------------------------------------------- inside shard_map
 
 
@@ -251,27 +222,6 @@ def over_devices(col: Collective | None, value: jax.Array, op: str = "sum") -> j
 
 
 # --------------------------------------- leaf norms, scales, checks, the cond
-
-
-def leaf_norm(x: jax.Array) -> jax.Array:
-  """The L2 norm of one leaf, in float32."""
-  return jnp.sqrt(sum_of_squares(x))
-
-
-def leaf_norms(tree: Any, col: Collective | None = None) -> Any:
-  """A tree shaped like ``tree`` holding each floating leaf's float32 L2 norm.
-
-  Non-floating leaves map to a float32 zero so the result's structure never
-  depends on leaf dtypes. With ``col``, each norm is the whole leaf's.
-  """
-  if col is None:
-    return jax.tree.map(
-        lambda x: leaf_norm(x) if is_float(x) else jnp.zeros((), FLOAT32), tree)
-  leaves, treedef = jax.tree.flatten(tree)
-  squares = [sum_of_squares(x) if is_float(x) else jnp.zeros((), FLOAT32)
-             for x in leaves]
-  squares = per_leaf(col, squares, leaf_splits(col, tree))
-  return treedef.unflatten([jnp.sqrt(q) for q in squares])
 
 
 def all_finite(tree: Any) -> jax.Array:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _stats, _tree
+from gradcal_jax import _norms, _stats, _tree
 
 FLOAT32 = jnp.float32
 INT32 = jnp.int32
@@ -200,7 +200,7 @@ def accumulate(
         micro_step=count(), inner_steps=count(), weight=zero(),
         empty_steps=count(), invalid_weights=count(),
         accumulator=_tree.map_float(
-            lambda x: jnp.zeros(x.shape, accumulator_dtype), params),
+            lambda x: jnp.zeros_like(x, dtype=accumulator_dtype), params),
         inner_state=inner.init(params), square_sum=zero(), positive=count(),
         noise_trace=zero(), noise_signal=zero(), noise_scale=zero())
 
@@ -254,7 +254,7 @@ def accumulate(
 
     # Noise scale: this micro-batch's squared norm (read with the gradient it
     # accumulates) and, at a boundary, that of the mean.
-    square = _tree.total_sum_of_squares(updates, col)
+    square = _norms.total_sum_of_squares(updates, col)
     square_sum = state.square_sum + jnp.where(share > 0, weight * square, 0.0)
     positive = state.positive + (share > 0).astype(INT32)
     # XLA:CPU fuses no reduction with an elementwise output, so each norm is
@@ -263,8 +263,8 @@ def accumulate(
              if _tree.is_float(g)]
     def means_square(xs: list[jax.Array]) -> jax.Array:
       if col is None:
-        return _tree.total_sum_of_squares(xs)
-      return _tree.sum_over_leaves(col, [_tree.sum_of_squares(x) for x in xs],
+        return _norms.total_sum_of_squares(xs)
+      return _tree.sum_over_leaves(col, [_norms.sum_of_squares(x) for x in xs],
                                    _tree.leaf_splits(col, updates, floats_only=True))
 
     mean_square = jax.lax.cond(

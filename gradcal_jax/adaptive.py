@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from gradcal_jax import _stats
+from gradcal_jax import _norms
 from gradcal_jax import _tree
 
 FLOAT32 = jnp.float32
@@ -139,7 +140,7 @@ def autoclip(
   def update_fn(updates: Any, state: AutoClipState,
                 params: Any = None) -> tuple[Any, AutoClipState]:
     del params
-    norm = _tree.global_norm(updates, col)
+    norm = _norms.global_norm(updates, col)
     finite = jnp.isfinite(norm)
     full = state.count >= history
     evicted = state.norms[state.count % history]
@@ -268,7 +269,7 @@ def zclip(
   def update_fn(updates: Any, state: ZClipState,
                 params: Any = None) -> tuple[Any, ZClipState]:
     del params
-    norm = _tree.global_norm(updates, col)
+    norm = _norms.global_norm(updates, col)
     finite = jnp.isfinite(norm)
     mean, variance = state.mean, state.variance
     warmup = state.step < warmup_steps
@@ -423,7 +424,7 @@ def skip_spikes(
   def update_fn(updates: Any, state: SkipSpikesState, params: Any = None,
                 **extra_args: Any) -> tuple[Any, SkipSpikesState]:
     loss = extra_args.pop("loss", None)
-    norm = _tree.global_norm(updates, col)
+    norm = _norms.global_norm(updates, col)
     threshold = _limit(state.norms, state.norm_count, sigma)
     nonfinite = ~jnp.isfinite(norm)
     spike = (state.norm_count >= min_history) & (norm > threshold)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from gradcal_jax import _stats
+from gradcal_jax import _norms
 from gradcal_jax import _tree
 
 FLOAT32 = jnp.float32
@@ -127,7 +128,7 @@ def clip_by_value(max_abs: float, *, axis_name: Any = None,
     count = _sum(counts, FLOAT32) if col is None else _tree.sum_over_leaves(
         col, counts, _tree.leaf_splits(col, updates, floats_only=True))
     new_state = ClipByValueState(
-        norm=_tree.global_norm(updates, col),
+        norm=_norms.global_norm(updates, col),
         clipped_fraction=_fraction(count, _tree.size(updates, col)))
     return _tree.map_float(clamp, updates), new_state
 
@@ -203,7 +204,7 @@ def clip_by_global_norm(max_norm: float, *, axis_name: Any = None,
 
   def update_fn(updates, state, params=None):
     del state, params
-    norm = _tree.global_norm(updates, col)
+    norm = _norms.global_norm(updates, col)
     scale = _tree.clip_scale(norm, max_norm)
     return (_tree.scale_tree(updates, scale),
             ClipByGlobalNormState(norm=norm, scale=scale))
@@ -280,7 +281,7 @@ def clip_by_layer_norm(max_norm: float, *, axis_name: Any = None,
 
   def update_fn(updates, state, params=None):
     del state, params
-    norms = _tree.leaf_norms(updates, col)
+    norms = _norms.leaf_norms(updates, col)
     scales = jax.tree.map(lambda n: _tree.clip_scale(n, max_norm), norms)
     updates = _tree.map_float(_tree.scale_leaf, updates, scales)
     return updates, ClipByLayerNormState(norm=norms, scale=scales)
@@ -449,12 +450,17 @@ def adaptive_grad_clip(
       # over the other dimensions' axes, which the counts sum over.
       within = () if split is None else _tree.dims_axes(split, axes)
       across = () if split is None else _tree.dims_axes(split, unit_dims)
-      g32 = g.astype(FLOAT32)
-      w32 = w.astype(FLOAT32)
-      g_norm = jnp.sqrt(_tree.psum_over(
-          jnp.sum(g32 * g32, axis=axes, keepdims=True), within))
-      w_norm = jnp.maximum(jnp.sqrt(_tree.psum_over(
-          jnp.sum(w32 * w32, axis=axes, keepdims=True), within)), eps)
+      def unit_norms(x: jax.Array) -> jax.Array:
+        # Per unit, without overflow; a unit whose squares all flushed to
+        # zero keeps norm 0 (a dead unit is not re-read every step), which
+        # changes no decision: its ratio is far below any threshold.
+        def squares(c: Any = 1.0) -> jax.Array:
+          x32 = x.astype(FLOAT32) * c
+          return _tree.psum_over(jnp.sum(x32 * x32, axis=axes, keepdims=True), within)
+        return _norms.rescued_norm(squares(), squares, zero_is_exact=True)
+
+      g_norm = unit_norms(g)
+      w_norm = jnp.maximum(unit_norms(w), eps)
       scale = _tree.clip_scale(g_norm, clipping * w_norm)
       units = math.prod(g.shape[d] for d in unit_dims) * math.prod(
           jax.lax.axis_size(a) for a in across)

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from gradcal_jax import _stats
+from gradcal_jax import _norms
 from gradcal_jax import _tree
 
 _VANISHING_BELOW = 1e-7
@@ -91,7 +92,7 @@ def _summary(
   leaves, treedef = jax.tree.flatten(tree)
   index = [i for i, x in enumerate(leaves) if _is_gradient(x)]
   splits = _tree.leaf_splits(col, tree) if col is not None else None
-  squares = [_tree.sum_of_squares(leaves[i]) for i in index]
+  squares = [_norms.sum_of_squares(leaves[i]) for i in index]
   maxima = [jnp.max(jnp.abs(leaves[i]), initial=0).astype(_tree.FLOAT32) for i in index]
   if col is not None:
     picked = [splits[i] for i in index]
@@ -99,11 +100,13 @@ def _summary(
     maxima = _tree.per_leaf(col, maxima, picked, op="max")
   per_leaf = [None] * len(leaves)
   for i, q in zip(index, squares):
-    per_leaf[i] = jnp.sqrt(q)
+    axes = () if splits is None else splits[i].axes
+    per_leaf[i] = _norms.rescued_norm(q, lambda c, x=leaves[i], a=axes: _tree.psum_over(
+        _norms.sum_of_squares(x, c), a))
   leaf_norms = treedef.unflatten(per_leaf)
   norms = jnp.stack([per_leaf[i] for i in index]) if index else jnp.zeros(
       (0,), _tree.FLOAT32)
-  norm = jnp.sqrt(jnp.sum(jnp.square(norms)))
+  norm = _norms.combine_norms(norms)
 
   def count() -> jax.Array:
     counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _stats, _tree
+from gradcal_jax import _norms, _stats, _tree
 
 FLOAT32 = jnp.float32
 INT32 = jnp.int32
@@ -31,14 +31,6 @@ def _whole(col: _tree.Collective | None, tree: Any, values: Any) -> Any:
     return values
   flat, treedef = jax.tree.flatten(values)
   return treedef.unflatten(_tree.per_leaf(col, flat, _tree.leaf_splits(col, tree)))
-
-
-def _squares(tree: Any, col: _tree.Collective | None = None) -> Any:
-  """Each floating leaf's float32 sum of squares (0 for other leaves): the
-  per-tensor and the global norms of one pass."""
-  return _whole(col, tree, jax.tree.map(
-      lambda x: _tree.sum_of_squares(x) if _tree.is_float(x) else jnp.zeros((), FLOAT32),
-      tree))
 
 
 def _sizes(col: _tree.Collective | None, tree: Any) -> list[int]:
@@ -159,9 +151,9 @@ def adagc(
   def update_fn(updates: Any, state: AdaGCState,
                 params: Any = None) -> tuple[Any, AdaGCState]:
     del params
-    squares = _squares(updates, col)
-    norms = jax.tree.map(jnp.sqrt, squares)
-    norm = jnp.sqrt(sum(jax.tree.leaves(squares), jnp.zeros((), FLOAT32)))
+    norms = _norms.leaf_norms(updates, col)
+    norm = _norms.combine_norms(jnp.stack(jax.tree.leaves(norms)) if jax.tree.leaves(norms)
+                               else jnp.zeros((0,), FLOAT32))
     warm = state.count < warmup_steps
     global_scale = _tree.clip_scale(norm, lambda_abs)
 
@@ -218,7 +210,9 @@ def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
 
   def init_fn(params: Any) -> SpamState:
     def zeros(x: jax.Array) -> jax.Array:
-      return jnp.zeros(x.shape, FLOAT32)
+      # Shaped and sharded like the param (jnp.zeros(x.shape) would sit on
+      # one device), as optax.adam's moments are.
+      return jnp.zeros_like(x, dtype=FLOAT32)
     return SpamState(
         count=jnp.zeros((), INT32), mu=_tree.map_float(zeros, params),
         nu=_tree.map_float(zeros, params), num_clipped=jnp.zeros((), INT32),
@@ -489,8 +483,8 @@ def clip_update_rms(
     sizes = jax.tree.unflatten(jax.tree.structure(updates), _sizes(col, updates))
     if wrapped is None:
       inner_state = state.inner_state
-      rms = jax.tree.map(lambda q, n: jnp.sqrt(q / max(n, 1)),
-                         _squares(updates, col), sizes)
+      rms = jax.tree.map(lambda r, n: r / math.sqrt(max(n, 1)),
+                         _norms.leaf_norms(updates, col), sizes)
       out = updates
     else:
       out, inner_state = wrapped.update(updates, state.inner_state, params,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _stats, _tree
+from gradcal_jax import _norms, _stats, _tree
 
 FLOAT32 = jnp.float32
 INT32 = jnp.int32
@@ -304,7 +304,7 @@ def truncate_top_k(
   def init_fn(params: Any) -> TruncateTopKState:
     residual = None
     if error_feedback:
-      residual = _tree.map_float(lambda x: jnp.zeros(x.shape, FLOAT32), params)
+      residual = _tree.map_float(lambda x: jnp.zeros_like(x, dtype=FLOAT32), params)
     return TruncateTopKState(
         kept_fraction=jnp.zeros((), FLOAT32), dropped_norm=jnp.zeros((), FLOAT32),
         residual=residual)
@@ -360,7 +360,7 @@ def truncate_top_k(
     kept = sum(jnp.asarray(k, FLOAT32) for k in ks_list) / max(total, 1)
     return jax.tree.unflatten(treedef, outs), TruncateTopKState(
         kept_fraction=jnp.asarray(kept, FLOAT32),
-        dropped_norm=_tree.global_norm(dropped_tree, col),
+        dropped_norm=_norms.global_norm(dropped_tree, col),
         residual=residual)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -352,10 +352,12 @@ def test_skip_spikes_compiles_no_gradient_sized_copy_or_temporary(donated_step_c
   # (outputs, not temporaries), and Adam's moments pass through the lax.cond
   # as is: in a training step that donates its state they are updated in
   # place, never copied.
-  grads = {"w": jnp.zeros((64, 128)), "b": jnp.zeros(128)}
+  # Temporaries smaller than the smallest leaf are scalars and the 128-entry
+  # norm history, copied around the conds.
+  grads = {"w": jnp.zeros((64, 128)), "b": jnp.zeros(1024)}
   tx = gc.skip_spikes(optax.adam(1e-3))
   compiled = jax.jit(tx.update).lower(grads, tx.init(grads)).compile()
-  assert compiled.memory_analysis().temp_size_in_bytes < 128 * 4, (
+  assert compiled.memory_analysis().temp_size_in_bytes < 1024 * 4, (
       compiled.memory_analysis())
   copies = donated_step_copies(tx, grads)
   assert not copies, copies

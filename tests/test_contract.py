@@ -542,6 +542,24 @@ def test_sharded_gradient_keeps_its_sharding_and_values(case):
     local_params = optax.apply_updates(local_params, expect)
 
 
+def test_fresh_state_keeps_the_params_sharding(case):
+  # Gradient-sized state (accumulators, residuals, moments) is laid out like
+  # the params it mirrors, as optax.adam's moments are, not put on device 0.
+  mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+  params = _sharded_tree(mesh, seed=1)
+  by_shape = {leaf.shape: leaf.sharding for leaf in jax.tree.leaves(params) if leaf.ndim}
+  state = case.build().init(params)
+  checked = 0
+  for path, leaf in jax.tree.leaves_with_path(state):
+    if getattr(leaf, "ndim", 0) and leaf.shape in by_shape:
+      assert leaf.sharding.is_equivalent_to(by_shape[leaf.shape], leaf.ndim), (
+          jax.tree_util.keystr(path), leaf.sharding)
+      checked += 1
+  gradient_sized = sum(getattr(leaf, "size", 0) >= 64 * 16
+                       for leaf in jax.tree.leaves(state))
+  assert checked >= gradient_sized, (checked, gradient_sized)
+
+
 # ---------------------------------------------------------------------------
 # 9. Checkpointable
 
