@@ -17,6 +17,15 @@ from gradcal_jax._tree import (FLOAT32, Collective, float_leaves, is_float,
                                leaf_splits, per_leaf, psum_over, sum_over_leaves)
 
 
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``jnp.sqrt(x)``, bit for bit (NaN stays NaN), whose derivative at 0 is 0
+  instead of ``inf``: under ``jax.grad`` the norm of a zero gradient or the
+  standard deviation of equal values then gives a finite derivative, not the
+  NaN of ``0 * inf``."""
+  zero = x == 0
+  return jnp.where(zero, jnp.zeros_like(x), jnp.sqrt(jnp.where(zero, jnp.ones_like(x), x)))
+
+
 def sum_of_squares(x: jax.Array, scale: Any = None) -> jax.Array:
   """Sum of squares of one leaf (times ``scale`` first, if given),
   accumulated in float32."""
@@ -74,10 +83,10 @@ def rescued_norm(squares: jax.Array, again: Callable[[jax.Array], jax.Array],
   """
   squares = jnp.asarray(squares, FLOAT32)
   if not RESCUE_NORMS:
-    return jnp.sqrt(squares)
+    return safe_sqrt(squares)
   scale = _rescue_scale(squares, zero_is_exact)
-  return jax.lax.cond(jnp.any(scale != 1.0), lambda: jnp.sqrt(again(scale)) / scale,
-                      lambda: jnp.sqrt(squares))
+  return jax.lax.cond(jnp.any(scale != 1.0), lambda: safe_sqrt(again(scale)) / scale,
+                      lambda: safe_sqrt(squares))
 
 
 def combine_norms(norms: jax.Array) -> jax.Array:
@@ -90,8 +99,8 @@ def combine_norms(norms: jax.Array) -> jax.Array:
   norms = jnp.asarray(norms, FLOAT32)
   squares = jnp.sum(jnp.square(norms))
   scale = _rescue_scale(squares)
-  return jnp.where(scale == 1.0, jnp.sqrt(squares),
-                   jnp.sqrt(jnp.sum(jnp.square(norms * scale))) / scale)
+  return jnp.where(scale == 1.0, safe_sqrt(squares),
+                   safe_sqrt(jnp.sum(jnp.square(norms * scale))) / scale)
 
 
 def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
@@ -110,7 +119,7 @@ def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
   splits = None if col is None else leaf_splits(col, tree, floats_only=True)
   total = sum(squares) if col is None else sum_over_leaves(col, squares, splits)
   if not RESCUE_NORMS:
-    return jnp.sqrt(total)
+    return safe_sqrt(total)
 
   def redo() -> jax.Array:
     # Each leaf with its own scale (from its own sum: one shared scale would
@@ -121,10 +130,10 @@ def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
     for i, (x, q) in enumerate(zip(floats, whole)):
       c = _rescue_scale(q)
       axes = () if splits is None else splits[i].axes
-      norms.append(jnp.sqrt(psum_over(sum_of_squares(x, c), axes)) / c)
+      norms.append(safe_sqrt(psum_over(sum_of_squares(x, c), axes)) / c)
     return combine_norms(jnp.stack(norms))
 
-  return jax.lax.cond(_rescue_scale(total) != 1.0, redo, lambda: jnp.sqrt(total))
+  return jax.lax.cond(_rescue_scale(total) != 1.0, redo, lambda: safe_sqrt(total))
 
 
 def leaf_norm(x: jax.Array, axes: tuple[str, ...] = ()) -> jax.Array:

@@ -22,15 +22,22 @@ class AccumulateState(NamedTuple):
   r"""State of :func:`accumulate`.
 
   Fields change at every micro-batch (``micro_step``, ``weight``,
-  ``square_sum``, ``positive``, ``invalid_weights``, ``accumulator``), at a
-  boundary (``inner_steps``, ``empty_steps``, the noise-scale moving averages
-  and ``noise_scale``, ``inner_state``).
+  ``scaled_weight``, ``square_sum``, ``positive``, ``invalid_weights``,
+  ``accumulator``), at a boundary (``inner_steps``, ``empty_steps``, the
+  noise-scale moving averages and ``noise_scale``, ``inner_state``).
 
   Attributes:
     micro_step: int32, micro-batches accumulated since the last boundary, in
       ``[0, every_k)``; 0 right after a boundary.
     inner_steps: int32, how many times the inner transform has run.
-    weight: float32, the total weight accumulated since the last boundary.
+    weight: float32, the total weight accumulated since the last boundary;
+      ``inf`` once it passes float32's largest value (the mean stays exact:
+      it is computed from ``scaled_weight``).
+    scaled_weight: float32, ``weight`` times :math:`2^{-m}`, :math:`2^m` the
+      smallest power of two >= ``every_k``: a sum of ``every_k`` finite
+      weights that cannot overflow, from which each micro-batch's share
+      :math:`w_i / W_i` is taken (exactly the share computed from
+      ``weight``: the scaling is by a power of two).
     empty_steps: int32, boundaries whose total weight was zero: the inner
       transform did not run and the updates were zeros. Non-zero means the
       caller passed only zero weights over a whole cycle, an error to look at.
@@ -57,6 +64,7 @@ class AccumulateState(NamedTuple):
   micro_step: jax.Array
   inner_steps: jax.Array
   weight: jax.Array
+  scaled_weight: jax.Array
   empty_steps: jax.Array
   invalid_weights: jax.Array
   accumulator: Any
@@ -190,6 +198,11 @@ def accumulate(
   _tree.check_number("noise_decay", noise_decay, low=0.0, high=1.0, high_open=True)
   inner = optax.with_extra_args_support(inner)
   col = _tree.collective("accumulate", axis_name, partition)
+  # 2**-m with 2**m >= every_k: every_k scaled weights sum below float32's
+  # largest value (a weight below 1.2e-38 * 2**m then counts as zero). From
+  # frexp (exact, and every_k may be traced under optax.inject_hyperparams).
+  mantissa, exponent = jnp.frexp(jnp.asarray(every_k, FLOAT32))
+  weight_scale = jnp.ldexp(jnp.float32(1.0), jnp.where(mantissa == 0.5, 1, 0) - exponent)
 
   def init_fn(params: Any) -> AccumulateState:
     # One array per field: a state whose fields share a buffer cannot be
@@ -197,7 +210,7 @@ def accumulate(
     count = lambda: jnp.zeros((), INT32)
     zero = lambda: jnp.zeros((), FLOAT32)
     return AccumulateState(
-        micro_step=count(), inner_steps=count(), weight=zero(),
+        micro_step=count(), inner_steps=count(), weight=zero(), scaled_weight=zero(),
         empty_steps=count(), invalid_weights=count(),
         accumulator=_tree.map_float(
             lambda x: jnp.zeros_like(x, dtype=accumulator_dtype), params),
@@ -220,11 +233,16 @@ def accumulate(
       weight = _tree.over_devices(col, jnp.where(valid, weight, 0.0))
     weight = jnp.where(valid, weight, 0.0)
     total = state.weight + weight
-    # The share of this micro-batch in the running mean; 0 skips it, so a
-    # zero-weight micro-batch never reads its (possibly NaN) gradient.
-    share = jnp.where(total > 0, weight / jnp.where(total > 0, total, 1.0), 0.0)
+    # The share of this micro-batch in the running mean, from totals scaled
+    # so that they cannot overflow (3e38 + 3e38 gives shares 1 and 1/2); 0
+    # skips it, so a zero-weight micro-batch never reads its (possibly NaN)
+    # gradient.
+    scaled = weight * weight_scale
+    scaled_total = state.scaled_weight + scaled
+    share = jnp.where(scaled_total > 0,
+                      scaled / jnp.where(scaled_total > 0, scaled_total, 1.0), 0.0)
     boundary = state.micro_step + 1 >= every_k
-    run_inner = boundary & (total > 0)
+    run_inner = boundary & (scaled_total > 0)
 
     def add(g, acc):
       # The running mean including this micro-batch. The first micro-batch of
@@ -285,6 +303,7 @@ def accumulate(
         inner_steps=jnp.where(run_inner, optax.safe_increment(state.inner_steps),
                               state.inner_steps),
         weight=jnp.where(boundary, 0.0, total).astype(FLOAT32),
+        scaled_weight=jnp.where(boundary, 0.0, scaled_total).astype(FLOAT32),
         empty_steps=jnp.where(boundary & ~run_inner,
                               optax.safe_increment(state.empty_steps),
                               state.empty_steps),

@@ -281,7 +281,7 @@ def zclip(
     warm_mean = mean + delta / n
     warm_variance = variance + (delta * (norm - warm_mean) - variance) / n
 
-    std = jnp.sqrt(variance)
+    std = _norms.safe_sqrt(variance)
     z = (norm - mean) / (std + eps)
     outlier = ~warmup & (z > z_threshold)
     safe_z = jnp.where(outlier, z, 1.0)
@@ -342,7 +342,7 @@ def _limit(buffer: jax.Array, count: jax.Array, sigma: float) -> jax.Array:
   n = jnp.maximum(n, 1).astype(FLOAT32)
   mean = jnp.sum(jnp.where(valid, buffer, 0.0)) / n
   variance = jnp.sum(jnp.where(valid, (buffer - mean)**2, 0.0)) / n
-  return mean + sigma * jnp.sqrt(variance)
+  return mean + sigma * _norms.safe_sqrt(variance)
 
 
 def skip_spikes(

@@ -499,7 +499,12 @@ def _centralize_leaf(g: jax.Array, split: _tree.LeafSplit | None = None) -> jax.
     count = math.prod(g.shape[d] for d in reduced) * math.prod(
         jax.lax.axis_size(a) for a in within)
     mean = _tree.psum_over(jnp.sum(g32, axis=reduced, keepdims=True), within) / count
-  return (g32 - mean).astype(g.dtype)
+  centred = g32 - mean
+  # A finite entry minus a finite mean can pass the dtype's largest value
+  # (float16: 65504 - (-21835)); it saturates there instead of turning inf.
+  largest = float(jnp.finfo(g.dtype).max)
+  finite = jnp.isfinite(g32) & jnp.isfinite(mean)
+  return jnp.where(finite, jnp.clip(centred, -largest, largest), centred).astype(g.dtype)
 
 
 def centralize(*, axis_name: Any = None,
@@ -512,7 +517,11 @@ def centralize(*, axis_name: Any = None,
     G_{\\dots, i} \\leftarrow G_{\\dots, i} - \\operatorname{mean}(G_{\\dots, i}),
 
   the mean taken over every axis but the last, in float32. Leaves of rank
-  <= 1 (biases, scales) are unchanged. ``optax.centralize`` instead keeps the
+  <= 1 (biases, scales) are unchanged. A centred entry beyond the dtype's
+  range (float16: ``65504 - (-21835)``) saturates at its largest finite
+  value, so finite input gives finite output; a NaN or inf entry makes its
+  unit's mean, and so the whole unit, non-finite (a float32 unit whose sum
+  passes 3.4e38 too). ``optax.centralize`` instead keeps the
   leading axis (PyTorch's ``(out, in, ...)`` layout) and so centres the wrong
   slices of a Flax kernel. The transform has no statistics worth logging and
   its state is ``optax.EmptyState()``.
@@ -581,6 +590,52 @@ def _toward(x: jax.Array, direction: float) -> jax.Array:
   return jnp.nextafter(x, jnp.asarray(direction, x.dtype))
 
 
+def _round_to(x: jax.Array, dtype: Any) -> jax.Array:
+  """Float32 ``x`` rounded to ``dtype``'s precision and range, kept float32."""
+  info = jnp.finfo(dtype)
+  if info.bits >= 32:
+    return x
+  return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def _inner_bound(bound: jax.Array, dtype: Any) -> jax.Array:
+  """The largest value of ``dtype`` not above ``bound`` (>= 0), in float32."""
+  b = _round_to(bound, dtype)
+  return jnp.where(b > bound, _toward(b.astype(dtype), 0.0).astype(FLOAT32), b)
+
+
+def _clip_weight_update(u: jax.Array, w: jax.Array, bound: jax.Array,
+                        counts: list[jax.Array]) -> jax.Array:
+  """One leaf of :func:`clip_weights` (counting its clipped entries)."""
+  out = jnp.promote_types(u.dtype, w.dtype)
+  w32 = w.astype(FLOAT32)
+  target = w32 + u.astype(FLOAT32)
+  w_fixed = jax.lax.stop_gradient(w32)
+
+  def lands(d: jax.Array) -> jax.Array:
+    # What `optax.apply_updates` computes, w + d in `out` cast to w's dtype,
+    # with each rounding explicit: under jit XLA may otherwise keep bfloat16
+    # sums in float32 (`xla_allow_excess_precision`) and see a weight inside
+    # that `apply_updates` rounds outside.
+    return _round_to(_round_to(w_fixed + d.astype(FLOAT32), out), w.dtype)
+
+  outside = jnp.isfinite(target) & (
+      (jnp.abs(target) > bound) | (jnp.abs(lands(u.astype(out))) > bound))
+  counts.append(jnp.sum(outside, dtype=jnp.int32))
+  inner = _inner_bound(bound, w.dtype)
+  # The clip formula: its derivative is the derivative of the result.
+  delta = (jnp.clip(target, -inner, inner) - w32).astype(out)
+  # Where rounding in `optax.apply_updates` would land outside, nudge delta by
+  # one unit in the last place; where that is not enough, -w (lands at 0).
+  # Computed without a derivative.
+  d = jax.lax.stop_gradient(delta)
+  landed = lands(d)
+  d = jnp.where(landed > inner, _toward(d, -jnp.inf), d)
+  d = jnp.where(landed < -inner, _toward(d, jnp.inf), d)
+  d = jnp.where(jnp.abs(lands(d)) > inner, -w_fixed.astype(out), d)
+  return jnp.where(outside, delta + jax.lax.stop_gradient(d - delta), u.astype(out))
+
+
 def clip_weights(max_abs: float, *, axis_name: Any = None,
                  partition: Any = None) -> optax.GradientTransformation:
   """Changes the update so that the new weights lie in ``[-max_abs, max_abs]``.
@@ -591,11 +646,23 @@ def clip_weights(max_abs: float, *, axis_name: Any = None,
 
   applied only where ``w_j + u_j`` is finite and outside the range, so that
   ``optax.apply_updates(params, updates)`` gives clipped weights, as in
-  WGAN's critic. The difference is computed in float32 and then nudged by one
-  unit in the last place where rounding would land ``w_j + u_j`` just outside
-  the range, so float32 weights stay exactly inside. Put it last in a chain,
-  after the learning rate. A non-finite ``w_j + u_j`` keeps its update
-  unchanged, so it stays visible.
+  WGAN's critic. Put it last in a chain, after the learning rate. A
+  non-finite ``w_j + u_j`` keeps its update unchanged, so it stays visible.
+
+  The new weights are exactly inside whatever the dtypes: :math:`c` is taken
+  as the largest value of the weight's dtype not above ``max_abs``, the
+  difference is computed in float32 and, where the rounding of
+  ``apply_updates`` would still land outside, nudged by one unit in the last
+  place (or, where no nudge suffices, set to :math:`-w_j`: the weight lands
+  at 0). Each output leaf has the dtype of ``u + w``
+  (``jnp.promote_types``): a bfloat16 update of float32 weights becomes
+  float32, since no bfloat16 difference can move a float32 weight of 1002
+  into ``[-0.5, 0.5]``; with equal dtypes the dtype is kept.
+
+  Derivative (``jax.grad`` through a training step): that of the clip
+  formula above (1 with respect to ``u_j`` where the weight stays inside,
+  :math:`-1` with respect to ``w_j`` and 0 with respect to ``u_j`` where it
+  is clipped); the nudges have none.
 
   Args:
     max_abs: the largest absolute value a weight may take, ``>= 0``.
@@ -637,18 +704,7 @@ def clip_weights(max_abs: float, *, axis_name: Any = None,
     counts = []
 
     def clip_leaf(u, w):
-      if not _tree.is_float(u):
-        return u
-      target = w.astype(FLOAT32) + u.astype(FLOAT32)
-      outside = jnp.isfinite(target) & (jnp.abs(target) > bound)
-      counts.append(jnp.sum(outside, dtype=jnp.int32))
-      new_w = jnp.clip(target, -bound, bound)
-      delta = (new_w - w.astype(FLOAT32)).astype(u.dtype)
-      # What `optax.apply_updates` will compute, in the weight's dtype.
-      landed = (w + delta).astype(w.dtype).astype(FLOAT32)
-      delta = jnp.where(landed > bound, _toward(delta, -jnp.inf), delta)
-      delta = jnp.where(landed < -bound, _toward(delta, jnp.inf), delta)
-      return jnp.where(outside, delta, u)
+      return _clip_weight_update(u, w, bound, counts) if _tree.is_float(u) else u
 
     updates = jax.tree.map(clip_leaf, updates, params)
     return updates, ClipWeightsState(

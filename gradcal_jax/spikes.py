@@ -499,7 +499,7 @@ def clip_update_rms(
         return jnp.sum(jnp.square(g.astype(FLOAT32)) / v_hat)
 
       ratios = _whole(col, updates, jax.tree.map(leaf_ratio, updates, nu))
-      rms = jax.tree.map(lambda q, n: jnp.sqrt(q / max(n, 1)), ratios, sizes)
+      rms = jax.tree.map(lambda q, n: _norms.safe_sqrt(q / max(n, 1)), ratios, sizes)
     scales = jax.tree.map(
         lambda r: jnp.where(jnp.isfinite(r) & (r > threshold), threshold / r, 1.0)
         .astype(FLOAT32), rms)

@@ -220,6 +220,41 @@ def test_a_traced_negative_weight_is_ignored_and_counted():
   assert int(gc.stats(state)["accumulate/invalid_weights"]) == 1
 
 
+@pytest.mark.parametrize("every_k", [2, 3, 5])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_weights_whose_sum_overflows_still_weigh_every_micro_batch(every_k, jit):
+  # 3e38 + 3e38 is inf in float32: the shares come from scaled totals.
+  tx = gc.accumulate(optax.sgd(1.0), every_k=every_k)
+  update = jax.jit(tx.update) if jit else tx.update
+  state = tx.init(jnp.zeros(2))
+  grads = [np.array([i + 1.0, -2.0 * i]) for i in range(every_k)]
+  for g in grads:
+    u, state = update(jnp.asarray(g, jnp.float32), state, weight=jnp.float32(3e38))
+  np.testing.assert_allclose(u, -np.mean(grads, axis=0), rtol=1e-6)
+  assert int(state.inner_steps) == 1 and int(state.invalid_weights) == 0
+  if every_k >= 3:
+    # Mid-cycle the reported total is inf (past float32), the mean exact.
+    _, state = update(jnp.ones(2), state, weight=jnp.float32(3e38))
+    _, state = update(3 * jnp.ones(2), state, weight=jnp.float32(3e38))
+    assert np.isinf(float(state.weight)) and np.isfinite(float(state.scaled_weight))
+    np.testing.assert_allclose(state.accumulator, [2.0, 2.0])
+
+
+def test_scaled_weights_give_the_weighted_mean_and_a_scaled_total():
+  rng = np.random.default_rng(0)
+  tx = gc.accumulate(optax.sgd(1.0), every_k=3)
+  state = tx.init(jnp.zeros(4))
+  grads, weights = [], []
+  for _ in range(2):
+    grads.append(rng.standard_normal(4).astype(np.float32))
+    weights.append(np.float32(rng.uniform(1, 1000)))
+    _, state = jax.jit(tx.update)(jnp.asarray(grads[-1]), state, weight=weights[-1])
+    np.testing.assert_allclose(state.accumulator,
+                               np.average(grads, axis=0, weights=weights), rtol=1e-6)
+    # every_k = 3: scaled by 2**-2, exactly.
+    assert float(state.scaled_weight) == float(state.weight) / 4
+
+
 def test_stats_show_the_cycle():
   tx = gc.accumulate(optax.sgd(1.0), every_k=3)
   state = tx.init(jnp.zeros(2))

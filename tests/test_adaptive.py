@@ -225,6 +225,42 @@ def test_zclip_zero_gradients_after_warmup_stay_finite():
   assert float(state.mean) == 0.0 and float(state.variance) == 0.0
 
 
+def _unrolled_loss(tx, steps=4):
+  """The loss after ``steps`` steps of ``tx`` then SGD on a quadratic, as a
+  function of the initial weights: differentiated by a meta-learner."""
+  opt = optax.chain(tx, optax.sgd(0.1))
+
+  def loss(w0):
+    params = {"w": w0}
+    state = opt.init(params)
+    for _ in range(steps):
+      grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+      updates, state = opt.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    return jnp.sum(params["w"] ** 2)
+
+  return loss
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: gc.zclip(warmup_steps=2), id="zclip"),
+    pytest.param(lambda: gc.skip_spikes(optax.identity(), min_history=1), id="skip_spikes"),
+    pytest.param(lambda: gc.clip_by_global_norm(1.0), id="clip_by_global_norm"),
+])
+def test_the_derivative_through_training_is_finite_and_right(make):
+  # Equal norms give a zero variance: the derivative of its square root is
+  # taken as 0, not inf (which made the whole derivative NaN).
+  loss = _unrolled_loss(make())
+  w0 = jnp.array([0.7, -0.9])  # clip_by_global_norm clips all four steps
+  for grad in (jax.grad(loss), jax.jit(jax.grad(loss))):
+    g = np.asarray(grad(w0))
+    assert np.isfinite(g).all(), g
+  eps = 1e-3
+  numeric = [(loss(w0.at[i].add(eps)) - loss(w0.at[i].add(-eps))) / (2 * eps)
+             for i in range(2)]
+  np.testing.assert_allclose(g, numeric, rtol=2e-2, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------
 # skip_spikes
 

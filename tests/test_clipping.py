@@ -342,6 +342,22 @@ def test_centralize_keeps_bf16_and_leaves_rank_one_alone():
   chex.assert_trees_all_equal(out["b"], g["b"])
 
 
+@pytest.mark.parametrize("wrap", JITS)
+def test_centralize_float16_saturates_instead_of_overflowing(wrap):
+  # Column 0's mean is -21834.67: 65504 minus it is past float16's 65504.
+  g = {"k": jnp.array([[65504.0, 1.0], [-65504.0, 3.0], [-65504.0, 2.0]], jnp.float16)}
+  out, _ = wrap(gc.centralize().update)(g, optax.EmptyState())
+  k = np.asarray(out["k"], np.float32)
+  assert np.isfinite(k).all()
+  np.testing.assert_allclose(k[:, 0], [65504.0, -43669.3, -43669.3], rtol=1e-3)
+  np.testing.assert_array_equal(k[:, 1], [-1.0, 1.0, 0.0])
+  # A non-finite entry still makes its unit non-finite.
+  g = {"k": g["k"].at[1, 1].set(jnp.inf)}
+  out, _ = wrap(gc.centralize().update)(g, optax.EmptyState())
+  assert not np.isfinite(np.asarray(out["k"][:, 1], np.float32)).any()
+  assert np.isfinite(np.asarray(out["k"][:, 0], np.float32)).all()
+
+
 # ------------------------------------------------------------ clip weights
 
 
@@ -387,6 +403,58 @@ def test_clip_weights_exact_range_for_many_random_weights():
     out, _ = jax.jit(tx.update)(u, tx.init(w), w)
     new = np.asarray(optax.apply_updates(w, out)["w"])
     assert np.abs(new).max() <= c
+
+
+@pytest.mark.parametrize("wrap", JITS)
+def test_clip_weights_lands_inside_for_a_bf16_update_of_f32_weights(wrap):
+  # No bfloat16 difference moves a float32 1002 into [-0.5, 0.5] (bfloat16's
+  # spacing there is 4): the update becomes float32.
+  tx = gc.clip_weights(0.5)
+  w = {"w": jnp.array([1002.0, -1002.0, 0.25, 7.0], jnp.float32)}
+  u = {"w": jnp.array([1.0, 1.0, 0.125, -3.0], jnp.bfloat16)}
+  out, state = wrap(tx.update)(u, tx.init(w), w)
+  assert out["w"].dtype == jnp.float32
+  new = np.asarray(optax.apply_updates(w, out)["w"])
+  np.testing.assert_array_equal(new, [0.5, -0.5, 0.375, 0.5])
+  assert float(state.clipped_fraction) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("dtype, bound", [(jnp.bfloat16, 0.3), (jnp.float16, 0.3),
+                                          (jnp.bfloat16, 0.5)])
+def test_clip_weights_low_precision_weights_stay_inside_an_unrepresentable_bound(
+    dtype, bound):
+  rng = np.random.default_rng(1)
+  w = {"w": jnp.asarray(rng.uniform(-0.3, 0.3, 5000), dtype)}
+  u = {"w": jnp.asarray(rng.standard_normal(5000) * 0.2, dtype)}
+  tx = gc.clip_weights(bound)
+  for update in (tx.update, jax.jit(tx.update)):
+    out, _ = update(u, tx.init(w), w)
+    assert out["w"].dtype == dtype
+    new = np.asarray(optax.apply_updates(w, out)["w"], np.float64)
+    assert np.abs(new).max() <= bound
+    # Clipped weights sit at the largest value of the dtype within the bound.
+    edge = float(np.abs(new).max())
+    assert edge > bound - 0.01
+
+
+def test_clip_weights_has_the_derivative_of_the_clip_formula():
+  c = 0.5
+
+  def loss(w, u):
+    tx = gc.clip_weights(c)
+    new, _ = tx.update({"w": u}, tx.init({"w": w}), {"w": w})
+    return jnp.sum(optax.apply_updates({"w": w}, new)["w"] ** 2)
+
+  w = jnp.array([0.4, 0.2, -3.0, 0.1])
+  u = jnp.array([0.3, 0.1, 1.0, -0.05])
+  for grad in (jax.grad(loss, argnums=(0, 1)), jax.jit(jax.grad(loss, argnums=(0, 1)))):
+    dw, du = grad(w, u)
+    target = np.asarray(w) + np.asarray(u)
+    inside = np.abs(target) <= c
+    # d/dw (clip(w + u) ** 2): 2 (w + u) inside the range, 0 where clipped.
+    want = np.where(inside, 2 * target, 0.0)
+    np.testing.assert_allclose(dw, want, rtol=1e-6)
+    np.testing.assert_allclose(du, want, rtol=1e-6)
 
 
 # -------------------------------------------------------------- validation
