@@ -26,13 +26,15 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
   return jnp.where(zero, jnp.zeros_like(x), jnp.sqrt(jnp.where(zero, jnp.ones_like(x), x)))
 
 
-def sum_of_squares(x: jax.Array, scale: Any = None) -> jax.Array:
+def sum_of_squares(x: jax.Array, scale: Any = None, axis: Any = None) -> jax.Array:
   """Sum of squares of one leaf (times ``scale`` first, if given),
-  accumulated in float32."""
+  accumulated in float32; with ``axis``, over those axes only (kept, size 1)."""
   x = x.astype(FLOAT32)
   if scale is not None:
     x = x * scale
-  return jnp.sum(x * x)
+  if axis is None:
+    return jnp.sum(x * x)
+  return jnp.sum(x * x, axis=axis, keepdims=True)
 
 
 def total_sum_of_squares(tree: Any, col: Collective | None = None) -> jax.Array:
@@ -89,13 +91,15 @@ def rescued_norm(squares: jax.Array, again: Callable[[jax.Array], jax.Array],
                       lambda: safe_sqrt(squares))
 
 
-def combine_norms(norms: jax.Array) -> jax.Array:
-  """The L2 norm of a vector of norms, without overflow or underflow:
+def combine_norms(norms: Any) -> jax.Array:
+  """The L2 norm of a vector (or list) of norms, without overflow or underflow:
   ``sqrt(sum(n**2))`` where that sum is safe, else the same with the norms
   scaled by 2**-64 or 2**64 first and the result scaled back (a power of
   two: dividing by the largest norm instead flushes to zero on XLA:CPU,
   whose ``1/3e38`` is subnormal). NaN if any norm is NaN, else ``inf`` if
   any is (or the norm exceeds float32's range)."""
+  if isinstance(norms, (list, tuple)):
+    norms = jnp.stack(norms) if norms else jnp.zeros((0,), FLOAT32)
   norms = jnp.asarray(norms, FLOAT32)
   squares = jnp.sum(jnp.square(norms))
   scale = _rescue_scale(squares)
@@ -131,17 +135,24 @@ def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
       c = _rescue_scale(q)
       axes = () if splits is None else splits[i].axes
       norms.append(safe_sqrt(psum_over(sum_of_squares(x, c), axes)) / c)
-    return combine_norms(jnp.stack(norms))
+    return combine_norms(norms)
 
   return jax.lax.cond(_rescue_scale(total) != 1.0, redo, lambda: safe_sqrt(total))
+
+
+def norm_from_squares(squares: jax.Array, x: jax.Array,
+                      axes: tuple[str, ...] = ()) -> jax.Array:
+  """The L2 norm of leaf ``x`` from its float32 sum of squares ``squares``
+  (already ``psum``'d over the ``shard_map`` ``axes`` its blocks lie on),
+  redone from ``x`` where that sum overflowed or is tiny."""
+  return rescued_norm(squares, lambda c: psum_over(sum_of_squares(x, c), axes))
 
 
 def leaf_norm(x: jax.Array, axes: tuple[str, ...] = ()) -> jax.Array:
   """The L2 norm of one leaf, in float32, without overflow or underflow
   (:func:`rescued_norm`); with ``axes``, of the whole leaf whose blocks lie
   on the devices along those ``shard_map`` axes."""
-  return rescued_norm(psum_over(sum_of_squares(x), axes),
-                      lambda c: psum_over(sum_of_squares(x, c), axes))
+  return norm_from_squares(psum_over(sum_of_squares(x), axes), x, axes)
 
 
 def leaf_norms(tree: Any, col: Collective | None = None) -> Any:
@@ -159,5 +170,4 @@ def leaf_norms(tree: Any, col: Collective | None = None) -> Any:
              for x in leaves]
   squares = per_leaf(col, squares, splits)
   return treedef.unflatten([
-      rescued_norm(q, lambda c, x=x, a=split.axes: psum_over(sum_of_squares(x, c), a))
-      if is_float(x) else q for q, x, split in zip(squares, leaves, splits)])
+      norm_from_squares(q, x, split.axes) if is_float(x) else q for q, x, split in zip(squares, leaves, splits)])

@@ -30,9 +30,10 @@ class AccumulateState(NamedTuple):
     micro_step: int32, micro-batches accumulated since the last boundary, in
       ``[0, every_k)``; 0 right after a boundary.
     inner_steps: int32, how many times the inner transform has run.
-    weight: float32, the total weight accumulated since the last boundary;
-      ``inf`` once it passes float32's largest value (the mean stays exact:
-      it is computed from ``scaled_weight``).
+    weight: float32, the total weight accumulated since the last boundary
+      (``scaled_weight`` scaled back); ``inf`` once it passes float32's
+      largest value (the mean stays exact: it is computed from
+      ``scaled_weight``).
     scaled_weight: float32, ``weight`` times :math:`2^{-m}`, :math:`2^m` the
       smallest power of two >= ``every_k``: a sum of ``every_k`` finite
       weights that cannot overflow, from which each micro-batch's share
@@ -232,7 +233,6 @@ def accumulate(
       valid = _tree.over_devices(col, valid.astype(INT32), op="min") > 0
       weight = _tree.over_devices(col, jnp.where(valid, weight, 0.0))
     weight = jnp.where(valid, weight, 0.0)
-    total = state.weight + weight
     # The share of this micro-batch in the running mean, from totals scaled
     # so that they cannot overflow (3e38 + 3e38 gives shares 1 and 1/2); 0
     # skips it, so a zero-weight micro-batch never reads its (possibly NaN)
@@ -241,6 +241,8 @@ def accumulate(
     scaled_total = state.scaled_weight + scaled
     share = jnp.where(scaled_total > 0,
                       scaled / jnp.where(scaled_total > 0, scaled_total, 1.0), 0.0)
+    # The true total, exactly (a power of two), inf past float32's range.
+    total = scaled_total / weight_scale
     boundary = state.micro_step + 1 >= every_k
     run_inner = boundary & (scaled_total > 0)
 

@@ -454,9 +454,8 @@ def adaptive_grad_clip(
         # Per unit, without overflow; a unit whose squares all flushed to
         # zero keeps norm 0 (a dead unit is not re-read every step), which
         # changes no decision: its ratio is far below any threshold.
-        def squares(c: Any = 1.0) -> jax.Array:
-          x32 = x.astype(FLOAT32) * c
-          return _tree.psum_over(jnp.sum(x32 * x32, axis=axes, keepdims=True), within)
+        def squares(c: Any = None) -> jax.Array:
+          return _tree.psum_over(_norms.sum_of_squares(x, c, axis=axes), within)
         return _norms.rescued_norm(squares(), squares, zero_is_exact=True)
 
       g_norm = unit_norms(g)

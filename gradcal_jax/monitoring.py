@@ -101,12 +101,11 @@ def _summary(
   per_leaf = [None] * len(leaves)
   for i, q in zip(index, squares):
     axes = () if splits is None else splits[i].axes
-    per_leaf[i] = _norms.rescued_norm(q, lambda c, x=leaves[i], a=axes: _tree.psum_over(
-        _norms.sum_of_squares(x, c), a))
+    per_leaf[i] = _norms.norm_from_squares(q, leaves[i], axes)
   leaf_norms = treedef.unflatten(per_leaf)
-  norms = jnp.stack([per_leaf[i] for i in index]) if index else jnp.zeros(
-      (0,), _tree.FLOAT32)
+  norms = [per_leaf[i] for i in index]
   norm = _norms.combine_norms(norms)
+  norms = jnp.stack(norms) if norms else jnp.zeros((0,), _tree.FLOAT32)
 
   def count() -> jax.Array:
     counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves

@@ -152,8 +152,7 @@ def adagc(
                 params: Any = None) -> tuple[Any, AdaGCState]:
     del params
     norms = _norms.leaf_norms(updates, col)
-    norm = _norms.combine_norms(jnp.stack(jax.tree.leaves(norms)) if jax.tree.leaves(norms)
-                               else jnp.zeros((0,), FLOAT32))
+    norm = _norms.combine_norms(jax.tree.leaves(norms))
     warm = state.count < warmup_steps
     global_scale = _tree.clip_scale(norm, lambda_abs)
 
