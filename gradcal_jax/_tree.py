@@ -344,6 +344,28 @@ def require_params(name: str, params: Any) -> None:
         f"{name} needs the parameters: call update(grads, state, params).")
 
 
+INT32_MAX = 2 ** 31 - 1
+
+
+def count_if(count: jax.Array, cond: jax.Array) -> jax.Array:
+  """``count + 1`` where ``cond``, saturating at 2**31-1 (never negative)."""
+  return jnp.where(cond, optax.safe_increment(count), count)
+
+
+def cycle_count(count: jax.Array, period: jax.Array | int) -> jax.Array:
+  """The next value of an int32 count that drives something periodic.
+
+  ``count + 1`` below 2**31-1; at 2**31-1 it steps back by ``period - 1``
+  instead, so the count stays within ``period`` of the int32 maximum, never
+  wraps negative, and ``count % period`` keeps cycling (a ring buffer keeps
+  turning, a check every ``period`` steps keeps running). ``period`` is a
+  positive int or int32 scalar, at most 2**31-1.
+  """
+  count = jnp.asarray(count, jnp.int32)
+  period = jnp.asarray(period, jnp.int32)
+  return jnp.where(count < INT32_MAX, count + 1, count - (period - 1))
+
+
 def run_or_hold(
     run: jax.Array,
     update: Callable[[Any, Any, Any], tuple[Any, Any]],

@@ -302,15 +302,11 @@ def accumulate(
         jnp.where(noise_trace > 0, jnp.inf, 0.0))
     return new_updates, AccumulateState(
         micro_step=jnp.where(boundary, 0, state.micro_step + 1).astype(INT32),
-        inner_steps=jnp.where(run_inner, optax.safe_increment(state.inner_steps),
-                              state.inner_steps),
+        inner_steps=_tree.count_if(state.inner_steps, run_inner),
         weight=jnp.where(boundary, 0.0, total).astype(FLOAT32),
         scaled_weight=jnp.where(boundary, 0.0, scaled_total).astype(FLOAT32),
-        empty_steps=jnp.where(boundary & ~run_inner,
-                              optax.safe_increment(state.empty_steps),
-                              state.empty_steps),
-        invalid_weights=jnp.where(valid, state.invalid_weights,
-                                  optax.safe_increment(state.invalid_weights)),
+        empty_steps=_tree.count_if(state.empty_steps, boundary & ~run_inner),
+        invalid_weights=_tree.count_if(state.invalid_weights, ~valid),
         accumulator=accumulator,
         inner_state=inner_state,
         square_sum=jnp.where(boundary, 0.0, square_sum).astype(FLOAT32),

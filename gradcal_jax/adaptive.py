@@ -25,10 +25,14 @@ INT32 = jnp.int32
 
 def _record(buffer: jax.Array, count: jax.Array, value: jax.Array,
             keep: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Writes ``value`` at the ring position of ``count`` when ``keep``."""
+  """Writes ``value`` at the ring position of ``count`` when ``keep``.
+
+  The count cycles near the int32 maximum instead of freezing there
+  (:func:`_tree.cycle_count`), so the ring keeps turning past 2**31-1 records.
+  """
   position = count % buffer.shape[0]
   buffer = jnp.where(keep, buffer.at[position].set(value), buffer)
-  return buffer, jnp.where(keep, optax.safe_increment(count), count)
+  return buffer, jnp.where(keep, _tree.cycle_count(count, buffer.shape[0]), count)
 
 
 def _valid(buffer: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -46,7 +50,8 @@ class AutoClipState(NamedTuple):
     sorted_norms: float32, the same norms in ascending order, unfilled entries
       ``+inf`` at the end: kept sorted by one insertion and one removal per
       step, so no step pays for a sort.
-    count: int32, how many finite norms were recorded (saturates at 2**31-1).
+    count: int32, how many finite norms were recorded; from 2**31-1 on it
+      stays within ``history`` of it (never negative) and the ring keeps turning.
     norm: float32 global norm of the last gradient, before clipping.
     threshold: float32 clipping threshold used at the last step.
   """
@@ -296,7 +301,7 @@ def zclip(
     new_state = ZClipState(
         mean=jnp.where(finite, new_mean, mean).astype(FLOAT32),
         variance=jnp.where(finite, new_variance, variance).astype(FLOAT32),
-        step=jnp.where(finite, optax.safe_increment(state.step), state.step),
+        step=_tree.count_if(state.step, finite),
         norm=norm,
         threshold=jnp.asarray(threshold, FLOAT32),
         clipped=(scale < 1.0).astype(INT32))
@@ -314,9 +319,11 @@ class SkipSpikesState(NamedTuple):
   Attributes:
     inner_state: the wrapped transform's state, untouched on skipped steps.
     norms: float32 ring buffer of the last ``window`` accepted global norms.
-    norm_count: int32, how many norms were accepted (saturates at 2**31-1).
+    norm_count: int32, how many norms were accepted; from 2**31-1 on it stays
+      within ``window`` of it (never negative) and the ring keeps turning.
     losses: float32 ring buffer of the last ``window`` accepted losses.
-    loss_count: int32, how many losses were accepted.
+    loss_count: int32, how many losses were accepted (cycles near 2**31-1
+      as ``norm_count`` does).
     norm: float32 global norm of the last gradient.
     threshold: float32 ``mean + sigma * std`` of the norm buffer at the last
       step (it only skips once ``min_history`` norms were accepted).
@@ -447,11 +454,8 @@ def skip_spikes(
     return new_updates, SkipSpikesState(
         inner_state=inner_state, norms=norms, norm_count=norm_count,
         losses=losses, loss_count=loss_count, norm=norm, threshold=threshold,
-        num_skipped=jnp.where(skip, optax.safe_increment(state.num_skipped),
-                              state.num_skipped),
-        num_nonfinite=jnp.where(nonfinite,
-                                optax.safe_increment(state.num_nonfinite),
-                                state.num_nonfinite),
+        num_skipped=_tree.count_if(state.num_skipped, skip),
+        num_nonfinite=_tree.count_if(state.num_nonfinite, nonfinite),
         skipped=skip.astype(INT32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

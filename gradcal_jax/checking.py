@@ -449,10 +449,15 @@ class GradCheckReport:
     rows: one :class:`GradCheckRow` per floating leaf, in tree order.
     precision: ``"float64"`` or ``"input"``.
     num_directions: directions drawn per leaf.
+    rounded_to: the dtype the function's values were found rounded to
+      (every value the check computed is a number of it, finer than the
+      outputs' dtype claims: ``fn`` computes in it and casts back), which
+      then set the tolerance and the rounding floor; None when not so.
   """
   rows: tuple[GradCheckRow, ...]
   precision: str
   num_directions: int
+  rounded_to: str | None = None
 
   @property
   def ok(self) -> bool:
@@ -476,7 +481,9 @@ class GradCheckReport:
     counts = {v: sum(r.verdict == v for r in self.rows) for v in VERDICTS}
     head = (f"gradient check: {len(self.rows)} leaves, "
             + ", ".join(f"{counts[v]} {v}" for v in VERDICTS)
-            + f" (precision {self.precision}, {self.num_directions} directions)")
+            + f" (precision {self.precision}, "
+            + (f"values rounded to {self.rounded_to}, " if self.rounded_to else "")
+            + f"{self.num_directions} directions)")
     table = [("leaf", "size", "verdict", "error", "rtol", "reverse", "forward",
               "finite diff", "fd uncert.")]
     for r in self._sorted():
@@ -530,12 +537,35 @@ def _projected(call: Callable[[Any], Any], cotangents: list[jax.Array] | None,
   return phi
 
 
+# Dtypes a function may round its values to internally, coarsest first.
+_ROUNDINGS = ("bfloat16", "float16", "float32")
+# The relative offset of the point where outputs are tested for rounding: not
+# a short binary fraction, so a full-precision function's values there are not
+# numbers of a coarser dtype.
+_PROBE = 1.0 / 3000.0
+
+
+def _representable(values: list[jax.Array], dtype: Any) -> jax.Array:
+  """True when every finite value is exactly a ``dtype`` number."""
+  same = [jnp.all(~jnp.isfinite(v) | (v.astype(dtype).astype(v.dtype) == v))
+          for v in values]
+  return jnp.all(jnp.stack(same))
+
+
 @jax.jit(static_argnames=("fn", "argnums", "num_directions", "precision",
-                          "rtol", "spec"))
+                          "rtol", "spec", "rounded_to"))
 def _check(dynamic: list[jax.Array], key: jax.Array, *, fn: Callable[..., Any],
            argnums: int, num_directions: int, precision: str,
-           rtol: float | None, spec: tuple[Any, ...]) -> dict[str, jax.Array]:
-  """The whole check as one compiled function of the arrays and the key."""
+           rtol: float | None, spec: tuple[Any, ...],
+           rounded_to: str | None = None) -> dict[str, jax.Array]:
+  """The whole check as one compiled function of the arrays and the key.
+
+  ``rounded_to`` names a dtype the function's values were found rounded to
+  (see :func:`check_gradients`): it then sets the tolerance and the rounding
+  floor where the outputs' declared dtype is finer. The result's
+  ``"rounded"`` says, for each of ``_ROUNDINGS``, whether every value the
+  check computed is a number of that dtype.
+  """
   treedef, static, positions = spec
   flat = list(static)
   for pos, value in zip(positions, dynamic):
@@ -576,14 +606,29 @@ def _check(dynamic: list[jax.Array], key: jax.Array, *, fn: Callable[..., Any],
     return {}
   # The coarser of the leaf's and the outputs' dtypes sets step and tolerance.
   eps = [max(_eps(leaves[i].dtype), out_eps) for i in checked]
-  rtols = [_default_rtol(e) if rtol is None else rtol for e in eps]
-  value_eps = [max(out_eps, _eps(eval_dtype(leaves[i].dtype))) for i in checked]
+  # Values found rounded to a coarser dtype set the tolerance and the rounding
+  # floor, not the step: one sized for that dtype would be far longer than the
+  # scale on which the function varies (sin at 1000 with a step of 41).
+  rounding = _eps(rounded_to) if rounded_to else 0.0
+  rtols = [_default_rtol(max(e, rounding)) if rtol is None else rtol for e in eps]
+  value_eps = [max(out_eps, rounding, _eps(eval_dtype(leaves[i].dtype)))
+               for i in checked]
   m, has_forward = _measure_leaves(phi, leaves, treedef_x, grads, checked, dir_key,
                                    num_directions, eps, fallback, f0, wide)
   check = _judge(m, jnp.asarray(has_forward), jnp.asarray(rtols, wide),
                  jnp.asarray(value_eps, wide))
+  # Is every value a number of a coarser dtype? The outputs at x and at a
+  # point off every dyadic grid, and for a scalar output the check's values
+  # (a projected output mixes in the float64 cotangent).
+  probe = _tree.map_float(
+      lambda a: (a * (1 + _PROBE) + _PROBE * fallback.astype(a.dtype)).astype(a.dtype), x)
+  values = _tree.float_leaves(call(x)) + _tree.float_leaves(call(probe))
+  if scalar:
+    values += [f0, m.f]
+  rounded = jnp.stack([_representable(values, d) for d in _ROUNDINGS])
   return {**check._asdict(), "has_forward": jnp.asarray(has_forward),
-          "rtol": jnp.asarray(rtols, wide)}
+          "rtol": jnp.asarray(rtols, wide), "rounded": rounded,
+          "value_eps": jnp.asarray(value_eps, wide)}
 
 
 def check_gradients(
@@ -608,6 +653,17 @@ def check_gradients(
   of the same shape and dtype are checked in chunks of up to four by one
   compiled loop body, so they share that fate: when one of them reaches a
   ``custom_vjp``, all show it skipped.
+
+  A function may compute in a coarser dtype than it returns
+  (``jnp.sin(x.astype(jnp.float32)).astype(x.dtype)``, checked in float64).
+  When every value the check computed (and the outputs at ``x`` and at one
+  point off every short binary fraction) is a number of bfloat16, float16 or
+  float32, coarser than the outputs' dtype, the check runs again with that
+  dtype's tolerance and rounding floor and the report says
+  ``rounded_to``. Rounding followed by wider arithmetic (a float64 sum of
+  float32 terms) leaves values of no coarser dtype and is not recognised:
+  check such a function with ``precision="input"`` and inputs of the dtype
+  it computes in.
 
   The check is compiled once per function, argument shapes and settings, with
   the key as an argument: calling it again with another key reuses it. Cost,
@@ -687,6 +743,9 @@ def check_gradients(
            else contextlib.nullcontext())
   with scope:
     results = jax.device_get(_check(dynamic, key, **settings))
+    rounded_to = _found_rounding(results)
+    if rounded_to is not None:
+      results = jax.device_get(_check(dynamic, key, rounded_to=rounded_to, **settings))
   rows = tuple(
       GradCheckRow(
           path=path, size=size, error=float(results["error"][n]),
@@ -697,7 +756,17 @@ def check_gradients(
           verdict=VERDICTS[int(results["verdict"][n])])
       for n, (path, size) in enumerate(checked))
   return GradCheckReport(rows=rows, precision=precision,
-                         num_directions=int(num_directions))
+                         num_directions=int(num_directions), rounded_to=rounded_to)
+
+
+def _found_rounding(results: dict[str, Any]) -> str | None:
+  """The coarsest dtype every computed value belongs to, when it is coarser
+  than the precision the check assumed for the values; else None."""
+  assumed = float(np.max(results["value_eps"]))
+  for name, rounded in zip(_ROUNDINGS, results["rounded"]):
+    if bool(rounded) and _eps(name) > assumed:
+      return name
+  return None
 
 
 # ------------------------------------------------------------- gradient_check
@@ -842,8 +911,12 @@ class GradientCheckState(NamedTuple):
   """State of :func:`gradient_check`.
 
   Attributes:
-    count: int32 number of updates seen.
-    steps_checked: int32 number of updates whose gradient was checked.
+    count: int32 number of updates seen; from 2**31-1 on it stays within
+      ``every_k`` of it (never negative), so checks go on every ``every_k``
+      updates (with the directions of the last check before it: the key is
+      folded with the count).
+    steps_checked: int32 number of updates whose gradient was checked
+      (saturates at 2**31-1, as do the next two).
     failures: int32 number of checked updates where some leaf was ``mismatch``
       or ``nonfinite``.
     unreliable: int32 number of checked updates without a failure where some
@@ -968,10 +1041,10 @@ def gradient_check(
     error, leaf, severity = result[0], result[1].astype(jnp.int32), result[2]
     new_worst = error > state.worst_error
     return updates, GradientCheckState(
-        count=optax.safe_increment(state.count),
-        steps_checked=state.steps_checked + checking.astype(jnp.int32),
-        failures=state.failures + (severity >= 2).astype(jnp.int32),
-        unreliable=state.unreliable + (severity == 1).astype(jnp.int32),
+        count=_tree.cycle_count(state.count, every_k),
+        steps_checked=_tree.count_if(state.steps_checked, checking),
+        failures=_tree.count_if(state.failures, severity >= 2),
+        unreliable=_tree.count_if(state.unreliable, severity == 1),
         worst_error=jnp.where(new_worst, error, state.worst_error),
         worst_leaf=jnp.where(new_worst, leaf, state.worst_leaf))
 

@@ -208,8 +208,7 @@ def dynamic_loss_scale(
     return new_updates, DynamicLossScaleState(
         scale=jnp.where(finite, grown, backed_off).astype(FLOAT32),
         good_steps=jnp.where(grow, 0, good_steps).astype(INT32),
-        num_skipped=jnp.where(finite, state.num_skipped,
-                              optax.safe_increment(state.num_skipped)),
+        num_skipped=_tree.count_if(state.num_skipped, ~finite),
         skipped=(~finite).astype(INT32),
         inner_state=inner_state)
 

@@ -184,7 +184,8 @@ class SpamState(NamedTuple):
 
   Attributes:
     count: int32, updates seen; it sets the bias correction and is never
-      reset (saturates at 2**31-1).
+      reset. From 2**31-1 on it stays within ``interval`` of it (never
+      negative), so the resets keep their period.
     mu: float32 first moment, shaped like the gradient (integer leaves kept
       as they are).
     nu: float32 second moment, likewise.
@@ -225,7 +226,7 @@ def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
     # reset at the steps s with (s + 1) % interval == 0; spikes are clipped
     # once (s + 1) % interval >= clip_delay; the warm-up counter c is
     # (s + 1) % interval from the first reset on.
-    step = state.count + 1
+    step = _tree.cycle_count(state.count, interval)
     reset = step % interval == 0
     clip = (step >= clip_delay) & (step % interval >= clip_delay)
     since = (step % interval).astype(FLOAT32)
@@ -258,7 +259,7 @@ def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
         step_dir = step_dir + weight_decay * w.astype(FLOAT32)
       out.append((-lr * step_dir).astype(g.dtype))
     return treedef.unflatten(out), SpamState(
-        count=optax.safe_increment(state.count), mu=treedef.unflatten(mus),
+        count=step, mu=treedef.unflatten(mus),
         nu=treedef.unflatten(nus),
         num_clipped=sum(counts, jnp.zeros((), INT32)) if col is None or not counts
         else _tree.sum_over_leaves(col, counts, _tree.leaf_splits(col, updates, True)),

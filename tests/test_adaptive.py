@@ -457,3 +457,53 @@ def test_stats_keys():
 def test_bad_hyperparameters(make, message):
   with pytest.raises(ValueError, match=message):
     make()
+
+
+# --- int32 counters past 2**31-1 (issue 19.5) ---------------------------------
+
+INT32_MAX = 2 ** 31 - 1
+
+
+def _fill_then_jump(tx, update, fields, extra):
+  """Fills a 3-entry ring with norms 0.5, 0.6, 0.7, then moves its ``fields``
+  to 2**31-2, the same ring position (2**31-2 = 3 * 715827882): the state a
+  run reaches after that many updates."""
+  state = tx.init({"w": jnp.zeros(1)})
+  for n in [0.5, 0.6, 0.7]:
+    _, state = update({"w": jnp.array([n])}, state, **extra(n))
+  return state._replace(**{f: jnp.int32(INT32_MAX - 1) for f in fields})
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_autoclip_ring_keeps_turning_past_int32_max(jit):
+  tx = gc.autoclip(percentile=50.0, history=3)
+  update = jax.jit(tx.update) if jit else tx.update
+  state = _fill_then_jump(tx, update, ["count"], extra=lambda n: {})
+  seen = []
+  for n in [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]:
+    _, state = update({"w": jnp.array([n])}, state)
+    seen.append(int(state.count))
+  assert min(seen) > 0 and max(seen) == INT32_MAX
+  # The last three norms fill the ring, and its sorted copy agrees.
+  np.testing.assert_array_equal(np.sort(np.asarray(state.norms)), [5.0, 6.0, 7.0])
+  np.testing.assert_array_equal(np.asarray(state.sorted_norms), [5.0, 6.0, 7.0])
+  assert float(state.threshold) == 6.0
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_skip_spikes_rings_keep_turning_past_int32_max(jit):
+  tx = gc.skip_spikes(optax.identity(), sigma=1e6, window=3, min_history=1)
+  update = jax.jit(tx.update) if jit else tx.update
+  state = _fill_then_jump(tx, update, ["norm_count", "loss_count"],
+                          extra=lambda n: {"loss": jnp.float32(10 * n)})
+  state = state._replace(num_skipped=jnp.int32(INT32_MAX))
+  counts = []
+  for n in [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]:
+    _, state = update({"w": jnp.array([n])}, state, loss=jnp.float32(10 * n))
+    counts += [int(state.norm_count), int(state.loss_count)]
+  assert min(counts) > 0
+  np.testing.assert_array_equal(np.sort(np.asarray(state.norms)), [5.0, 6.0, 7.0])
+  np.testing.assert_array_equal(np.sort(np.asarray(state.losses)), [50.0, 60.0, 70.0])
+  # A skip at the saturated total keeps it there, never negative.
+  _, state = update({"w": jnp.array([jnp.inf])}, state, loss=jnp.float32(1.0))
+  assert int(state.num_skipped) == INT32_MAX and int(state.skipped) == 1

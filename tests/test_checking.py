@@ -656,3 +656,69 @@ def test_jax_check_grads_on_the_bug_corpus(name):
   fn, args, _ = BUGS[name]
   # Recorded in the notes: check_grads flags every bug but cannot name the leaf.
   assert _check_grads_flags(fn, args)
+
+
+@JIT
+def test_gradient_check_goes_on_checking_past_int32_max(jit):
+  # 2**31-1 = 3 * 715827882 + 1: a count frozen at the maximum would never
+  # again be a multiple of 3. It cycles instead; the totals saturate.
+  tx = gc.gradient_check(every_k=3)
+  params = _scalar_leaves(0)
+  wrong = jax.tree.map(lambda p: 2.0 * p, params)
+  update = jit(lambda g, s, p: tx.update(g, s, p, value_fn=_half_square))
+  state = tx.init(params)._replace(count=jnp.int32(2 ** 31 - 5),
+                                   failures=jnp.int32(2 ** 31 - 2))
+  counts = []
+  for _ in range(12):
+    _, state = update(wrong, state, params)
+    counts.append(int(state.count))
+  assert min(counts) > 0
+  assert int(state.steps_checked) == 4
+  assert int(state.failures) == 2 ** 31 - 1
+
+
+# --- values rounded inside the function (issue 19.6) --------------------------
+
+def _rounded_sin(dtype):
+  return lambda x: jnp.sin(x.astype(dtype)).astype(x.dtype)
+
+
+@pytest.mark.parametrize("x", [0.3, 2.0, 7.0, 1000.0])
+@pytest.mark.parametrize("shape", [(), (50,)], ids=["scalar", "vector"])
+def test_check_gradients_accounts_for_values_rounded_inside_fn(x, shape):
+  # fn casts to float32 and back: in float64 its values carry float32's
+  # rounding, which the check finds and holds the gradient to (it reported
+  # mismatch with an uncertainty of 5e-12 at 2.0 before).
+  report = gc.check_gradients(_rounded_sin(jnp.float32), jnp.full(shape, x, jnp.float32))
+  assert report.rounded_to == "float32"
+  assert report.verdicts() == {"": "ok"}, str(report)
+  assert report.rows[0].rtol == pytest.approx(float(np.finfo(np.float32).eps) ** (1 / 3))
+  assert "values rounded to float32" in str(report)
+
+
+def test_check_gradients_catches_a_wrong_gradient_of_rounded_values():
+  @jax.custom_vjp
+  def rounded_sum_of_squares(x):
+    return jnp.sum(x.astype(jnp.float32) ** 2).astype(x.dtype)
+  rounded_sum_of_squares.defvjp(lambda x: (rounded_sum_of_squares(x), x),
+                                lambda x, g: (3 * x * g,))  # bug: not 2 x g
+  x = jnp.linspace(0.5, 2.0, 8)
+  report = gc.check_gradients(rounded_sum_of_squares, x)
+  assert report.rounded_to == "float32" and report.verdicts() == {"": "mismatch"}
+  # bfloat16 rounds the inputs too, coarser than the float64 step: no false
+  # mismatch, but finite differences cannot confirm it (pass bfloat16 inputs
+  # with precision="input" for a bfloat16-sized step).
+  report = gc.check_gradients(_rounded_sin(jnp.bfloat16), x)
+  assert report.rounded_to == "bfloat16"
+  assert report.verdicts() == {"": "unreliable"}, str(report)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: jnp.sum(x ** 2), lambda x: x ** 2, lambda x: jnp.sum(jnp.sin(x))],
+    ids=["sum_of_squares", "squares", "sin"])
+def test_check_gradients_keeps_full_precision_for_full_precision_values(fn):
+  # Dyadic inputs with dyadic outputs at x ([1, 4]) do not pass for rounding:
+  # the outputs are also tested at a point off every short binary fraction.
+  report = gc.check_gradients(fn, jnp.array([1.0, 2.0]))
+  assert report.rounded_to is None and report.ok
+  assert report.rows[0].rtol == pytest.approx(float(np.finfo(np.float64).eps) ** (1 / 3))

@@ -255,3 +255,23 @@ def test_clip_update_rms_needs_a_second_moment_in_inner():
 def test_bad_hyperparameters(make, kwargs, message):
   with pytest.raises(ValueError, match=message):
     make(**kwargs)
+
+
+@pytest.mark.parametrize("jit", JITS)
+def test_spam_keeps_its_reset_period_past_int32_max(jit):
+  # From 2**31-1 updates on the count cycles near the int32 maximum: the
+  # moments still reset every `interval` updates (warm-up factor 0.01 on the
+  # reset step) and the update stays finite.
+  interval = 4
+  tx = gc.spam(0.1, interval=interval, warmup_steps=2, clip_delay=2)
+  state = tx.init({"w": jnp.zeros(2)})._replace(count=jnp.int32(2 ** 31 - 3))
+  update = jit(tx.update)
+  factors, counts = [], []
+  for _ in range(3 * interval):
+    out, state = update({"w": jnp.array([1.0, -2.0])}, state)
+    assert np.all(np.isfinite(np.asarray(out["w"])))
+    factors.append(float(state.warmup_factor))
+    counts.append(int(state.count))
+  assert min(counts) > 0
+  resets = [i for i, f in enumerate(factors) if f == pytest.approx(0.01)]
+  assert len(resets) == 3 and np.all(np.diff(resets) == interval), factors
