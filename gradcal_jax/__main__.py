@@ -23,6 +23,7 @@ Usage: ``python -m gradcal_jax [--depth 24] [--steps 300] [--seed 0]
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -52,9 +53,12 @@ class MLP(nnx.Module):
   def __init__(self, depth: int, gain: float, rngs: nnx.Rngs):
     init = nnx.initializers.variance_scaling(gain**2, "fan_in", "normal")
     sizes = [INPUTS] + [WIDTH] * (depth - 1) + [1]
-    self.layers = nnx.List([
+    self.layers = nnx.List(
+      [
         nnx.Linear(fan_in, fan_out, kernel_init=init, rngs=rngs)
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:])])
+        for fan_in, fan_out in itertools.pairwise(sizes)
+      ]
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for layer in self.layers[:-1]:
@@ -77,29 +81,39 @@ def _loss(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
 
 def runs() -> dict[str, optax.GradientTransformation]:
   """The three optimizers, each between two monitors."""
+
   def watched(*calibration: optax.GradientTransformation):
     return optax.chain(
-        gc.monitor(VANISHING_BELOW, EXPLODING_ABOVE), *calibration,
-        gc.monitor(VANISHING_BELOW, EXPLODING_ABOVE), optax.sgd(LEARNING_RATE))
+      gc.monitor(VANISHING_BELOW, EXPLODING_ABOVE),
+      *calibration,
+      gc.monitor(VANISHING_BELOW, EXPLODING_ABOVE),
+      optax.sgd(LEARNING_RATE),
+    )
 
   return {
-      "plain SGD": watched(),
-      "SGD + clip_by_global_norm": watched(gc.clip_by_global_norm(MAX_NORM)),
-      "calibrated (AGC + clip)": watched(
-          gc.adaptive_grad_clip(CLIPPING), gc.clip_by_global_norm(MAX_NORM)),
+    "plain SGD": watched(),
+    "SGD + clip_by_global_norm": watched(gc.clip_by_global_norm(MAX_NORM)),
+    "calibrated (AGC + clip)": watched(
+      gc.adaptive_grad_clip(CLIPPING), gc.clip_by_global_norm(MAX_NORM)
+    ),
   }
 
 
 def _spread(found: dict[str, jax.Array], monitor: str) -> jax.Array:
   """max / min of the layers' kernel norms recorded by ``monitor``."""
-  norms = jnp.stack([v for k, v in found.items()
-                     if k.startswith(f"{monitor}/leaf_norms/")
-                     and k.endswith("/kernel")])
+  norms = jnp.stack(
+    [
+      v
+      for k, v in found.items()
+      if k.startswith(f"{monitor}/leaf_norms/") and k.endswith("/kernel")
+    ]
+  )
   return jnp.max(norms) / jnp.min(norms)
 
 
-def train(depth: int, seed: int, steps: int, tx: optax.GradientTransformation,
-          x: jax.Array, y: jax.Array) -> dict[str, np.ndarray]:
+def train(
+  depth: int, seed: int, steps: int, tx: optax.GradientTransformation, x: jax.Array, y: jax.Array
+) -> dict[str, np.ndarray]:
   """Trains a fresh MLP; returns the per-step loss and monitor statistics."""
   model = MLP(depth, GAIN, nnx.Rngs(seed))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -110,9 +124,12 @@ def train(depth: int, seed: int, steps: int, tx: optax.GradientTransformation,
     loss, grads = nnx.value_and_grad(_loss)(model, x, y)
     optimizer.update(model, grads)
     found = gc.stats(optimizer.opt_state)
-    logged = {"loss": loss, "grad_norm": found["monitor/norm"],
-              "grad_spread": _spread(found, "monitor"),
-              "update_spread": _spread(found, "monitor_1")}
+    logged = {
+      "loss": loss,
+      "grad_norm": found["monitor/norm"],
+      "grad_spread": _spread(found, "monitor"),
+      "update_spread": _spread(found, "monitor_1"),
+    }
     return nnx.state((model, optimizer)), logged
 
   # One compiled loop for all steps: the monitors' states keep their
@@ -125,8 +142,7 @@ def _health_at_init(depth: int, seed: int, x: jax.Array, y: jax.Array) -> str:
   model = MLP(depth, GAIN, nnx.Rngs(seed))
   grads = nnx.jit(nnx.grad(_loss))(model, x, y)
   kernels = nnx.filter_state(grads, nnx.PathContains("kernel"))
-  return gc.report(kernels, vanishing_below=VANISHING_BELOW,
-                   exploding_above=EXPLODING_ABOVE)
+  return gc.report(kernels, vanishing_below=VANISHING_BELOW, exploding_above=EXPLODING_ABOVE)
 
 
 def _fmt(value: float) -> str:
@@ -139,27 +155,38 @@ def _median(values: np.ndarray) -> str:
 
 
 def _table(results: dict[str, dict[str, np.ndarray]]) -> str:
-  headers = ("run", "final loss", "best loss", f"steps |g|>{EXPLODING_ABOVE:g}",
-             "first non-finite", "grad spread", "update spread")
+  headers = (
+    "run",
+    "final loss",
+    "best loss",
+    f"steps |g|>{EXPLODING_ABOVE:g}",
+    "first non-finite",
+    "grad spread",
+    "update spread",
+  )
   lines = []
   for name, r in results.items():
     finite = np.isfinite(r["loss"]) & np.isfinite(r["grad_norm"])
     first_bad = "-" if finite.all() else str(int(np.argmin(finite)) + 1)
     exceeded = int(np.sum(~(r["grad_norm"] <= EXPLODING_ABOVE)))
-    lines.append((
-        name, _fmt(float(r["loss"][-1])), _fmt(float(np.nanmin(r["loss"]))),
-        str(exceeded), first_bad, _median(r["grad_spread"]),
-        _median(r["update_spread"])))
-  widths = [max(len(row[i]) for row in [headers, *lines])
-            for i in range(len(headers))]
+    lines.append(
+      (
+        name,
+        _fmt(float(r["loss"][-1])),
+        _fmt(float(np.nanmin(r["loss"]))),
+        str(exceeded),
+        first_bad,
+        _median(r["grad_spread"]),
+        _median(r["update_spread"]),
+      )
+    )
+  widths = [max(len(row[i]) for row in [headers, *lines]) for i in range(len(headers))]
 
   def line(row: Sequence[str]) -> str:
-    cells = [row[0].ljust(widths[0])] + [
-        c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+    cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
     return "  ".join(cells)
 
-  return "\n".join([line(headers), line(["-" * w for w in widths]),
-                    *map(line, lines)])
+  return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, lines)])
 
 
 def _diverged_at(loss: np.ndarray) -> int | None:
@@ -175,6 +202,7 @@ def plot(results: dict[str, dict[str, np.ndarray]], path: str) -> None:
   its blow-up does not flatten the other curves.
   """
   import matplotlib  # only when a plot is asked for
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -184,18 +212,21 @@ def plot(results: dict[str, dict[str, np.ndarray]], path: str) -> None:
     stop = len(r["loss"]) if end is None else end
     steps = np.arange(1, stop + 1)
     for ax, key in ((ax_loss, "loss"), (ax_norm, "grad_norm")):
-      line, = ax.plot(steps, r[key][:stop],
-                      label=name if end is None else f"{name} (diverged)")
+      (line,) = ax.plot(steps, r[key][:stop], label=name if end is None else f"{name} (diverged)")
       if end is not None and stop:
-        ax.plot(stop, r[key][stop - 1], "x", color=line.get_color(), ms=9,
-                mew=2)
+        ax.plot(stop, r[key][stop - 1], "x", color=line.get_color(), ms=9, mew=2)
   ax_loss.set(title="training loss (MSE)", xlabel="step", yscale="log")
-  ax_norm.set(title="global norm of the raw gradient", xlabel="step",
-              yscale="log")
-  ax_norm.axhline(EXPLODING_ABOVE, color="grey", lw=0.8, ls="--",
-                  label=f"exploding threshold ({EXPLODING_ABOVE:g})")
-  ax_norm.axhline(MAX_NORM, color="grey", lw=0.8, ls=":",
-                  label=f"clip_by_global_norm threshold ({MAX_NORM:g})")
+  ax_norm.set(title="global norm of the raw gradient", xlabel="step", yscale="log")
+  ax_norm.axhline(
+    EXPLODING_ABOVE,
+    color="grey",
+    lw=0.8,
+    ls="--",
+    label=f"exploding threshold ({EXPLODING_ABOVE:g})",
+  )
+  ax_norm.axhline(
+    MAX_NORM, color="grey", lw=0.8, ls=":", label=f"clip_by_global_norm threshold ({MAX_NORM:g})"
+  )
   ax_loss.legend(fontsize=8)
   ax_norm.legend(fontsize=8)
   for ax in (ax_loss, ax_norm):
@@ -207,29 +238,33 @@ def plot(results: dict[str, dict[str, np.ndarray]], path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m gradcal_jax",
-      description="Train a deep plain tanh MLP three ways and compare the "
-      "gradient calibration of each.")
-  parser.add_argument("--depth", type=int, default=24,
-                      help="number of Dense layers (default 24)")
-  parser.add_argument("--steps", type=int, default=300,
-                      help="full-batch SGD steps per run (default 300)")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="seed of the data and of the initial weights")
-  parser.add_argument("--plot", metavar="FILE",
-                      help="also write the loss and gradient-norm curves to "
-                      "this PNG file")
+    prog="python -m gradcal_jax",
+    description="Train a deep plain tanh MLP three ways and compare the "
+    "gradient calibration of each.",
+  )
+  parser.add_argument("--depth", type=int, default=24, help="number of Dense layers (default 24)")
+  parser.add_argument(
+    "--steps", type=int, default=300, help="full-batch SGD steps per run (default 300)"
+  )
+  parser.add_argument(
+    "--seed", type=int, default=0, help="seed of the data and of the initial weights"
+  )
+  parser.add_argument(
+    "--plot", metavar="FILE", help="also write the loss and gradient-norm curves to this PNG file"
+  )
   args = parser.parse_args(argv)
   if args.depth < 2 or args.steps < 1:
     parser.error("--depth must be at least 2 and --steps at least 1")
 
   x, y = make_data(args.seed)
-  print(f"A plain tanh MLP: {args.depth} Dense layers of width {WIDTH}, no "
-        f"residual, no normalization,\nweights drawn with gain {GAIN:g} "
-        "(past the edge of chaos), fitting "
-        f"{SAMPLES} synthetic points.\nEach run: SGD, learning rate "
-        f"{LEARNING_RATE:g}, {args.steps} full-batch steps, seed {args.seed}."
-        "\n")
+  print(
+    f"A plain tanh MLP: {args.depth} Dense layers of width {WIDTH}, no "
+    f"residual, no normalization,\nweights drawn with gain {GAIN:g} "
+    "(past the edge of chaos), fitting "
+    f"{SAMPLES} synthetic points.\nEach run: SGD, learning rate "
+    f"{LEARNING_RATE:g}, {args.steps} full-batch steps, seed {args.seed}."
+    "\n"
+  )
   print("Gradient health at initialization (kernels, worst first):")
   print(_health_at_init(args.depth, args.seed, x, y))
   print()
@@ -242,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print("Training results")
   print(_table(results))
   print(f"""
-steps |g|>{EXPLODING_ABOVE:g}: steps whose raw gradient's global norm was above {EXPLODING_ABOVE:g} or not finite.
+steps |g|>{EXPLODING_ABOVE:g}: steps whose raw gradient's global norm was above \
+{EXPLODING_ABOVE:g} or not finite.
 grad spread: largest / smallest per-layer kernel norm of the raw gradient;
 update spread: the same for the direction given to SGD after calibration
 (medians over the finite steps). clip_by_global_norm({MAX_NORM:g}) in both

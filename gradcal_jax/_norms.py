@@ -13,8 +13,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gradcal_jax._tree import (FLOAT32, Collective, float_leaves, is_float,
-                               leaf_splits, per_leaf, psum_over, sum_over_leaves)
+from gradcal_jax._tree import (
+  FLOAT32,
+  Collective,
+  add_up,
+  float_leaves,
+  is_float,
+  leaf_splits,
+  per_leaf,
+  psum_over,
+  sum_over_leaves,
+)
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
@@ -47,7 +56,7 @@ def total_sum_of_squares(tree: Any, col: Collective | None = None) -> jax.Array:
   squares = [sum_of_squares(x) for x in floats]
   if col is not None:
     return sum_over_leaves(col, squares, leaf_splits(col, tree, floats_only=True))
-  return sum(squares)
+  return add_up(squares)
 
 
 # A float32 sum of squares overflows once the norm passes 1.8e19 and loses
@@ -57,8 +66,8 @@ def total_sum_of_squares(tree: Any, col: Collective | None = None) -> jax.Array:
 # entries up to float32's largest and down to 6e-39 then count. Below _SMALL
 # the squares that flushed may matter. XLA's byte count, which takes a cond's
 # larger branch, includes the redo's read; a step runs it only when needed.
-_SMALL = 2.0 ** -60
-_RESCALE = 2.0 ** 64
+_SMALL = 2.0**-60
+_RESCALE = 2.0**64
 # Read when a transform is traced. tests/test_traffic.py turns it off to pin
 # the traffic of the steps that need no rescue (the redo branch left out).
 RESCUE_NORMS = True
@@ -69,12 +78,14 @@ def _rescue_scale(squares: jax.Array, zero_is_exact: bool = False) -> jax.Array:
   an overflowed sum, 2**64 for a small one, 1 for one that needs no redo
   (also for NaN, which stays NaN, and, with ``zero_is_exact``, for 0)."""
   small = (squares < _SMALL) & ((squares > 0) if zero_is_exact else True)
-  return jnp.where(jnp.isinf(squares), 1.0 / _RESCALE,
-                   jnp.where(small, _RESCALE, 1.0)).astype(FLOAT32)
+  return jnp.where(jnp.isinf(squares), 1.0 / _RESCALE, jnp.where(small, _RESCALE, 1.0)).astype(
+    FLOAT32
+  )
 
 
-def rescued_norm(squares: jax.Array, again: Callable[[jax.Array], jax.Array],
-                 *, zero_is_exact: bool = False) -> jax.Array:
+def rescued_norm(
+  squares: jax.Array, again: Callable[[jax.Array], jax.Array], *, zero_is_exact: bool = False
+) -> jax.Array:
   """``sqrt(squares)``, or, where that sum overflowed or is small enough to
   have lost entries, ``sqrt(again(c)) / c``: ``again(c)`` is the same sum
   with every entry scaled by ``c`` first (``c`` has the shape of
@@ -87,8 +98,9 @@ def rescued_norm(squares: jax.Array, again: Callable[[jax.Array], jax.Array],
   if not RESCUE_NORMS:
     return safe_sqrt(squares)
   scale = _rescue_scale(squares, zero_is_exact)
-  return jax.lax.cond(jnp.any(scale != 1.0), lambda: safe_sqrt(again(scale)) / scale,
-                      lambda: safe_sqrt(squares))
+  return jax.lax.cond(
+    jnp.any(scale != 1.0), lambda: safe_sqrt(again(scale)) / scale, lambda: safe_sqrt(squares)
+  )
 
 
 def combine_norms(norms: Any) -> jax.Array:
@@ -103,8 +115,9 @@ def combine_norms(norms: Any) -> jax.Array:
   norms = jnp.asarray(norms, FLOAT32)
   squares = jnp.sum(jnp.square(norms))
   scale = _rescue_scale(squares)
-  return jnp.where(scale == 1.0, safe_sqrt(squares),
-                   safe_sqrt(jnp.sum(jnp.square(norms * scale))) / scale)
+  return jnp.where(
+    scale == 1.0, safe_sqrt(squares), safe_sqrt(jnp.sum(jnp.square(norms * scale))) / scale
+  )
 
 
 def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
@@ -121,7 +134,10 @@ def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
     return jnp.zeros((), FLOAT32)
   squares = [sum_of_squares(x) for x in floats]
   splits = None if col is None else leaf_splits(col, tree, floats_only=True)
-  total = sum(squares) if col is None else sum_over_leaves(col, squares, splits)
+  if col is None or splits is None:
+    total = add_up(squares)
+  else:
+    total = sum_over_leaves(col, squares, splits)
   if not RESCUE_NORMS:
     return safe_sqrt(total)
 
@@ -129,7 +145,7 @@ def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
     # Each leaf with its own scale (from its own sum: one shared scale would
     # be one broadcast that XLA:CPU materializes for every leaf of a shape),
     # the leaf norms combined without overflow.
-    whole = squares if col is None else per_leaf(col, squares, splits)
+    whole = squares if col is None or splits is None else per_leaf(col, squares, splits)
     norms = []
     for i, (x, q) in enumerate(zip(floats, whole)):
       c = _rescue_scale(q)
@@ -140,8 +156,7 @@ def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
   return jax.lax.cond(_rescue_scale(total) != 1.0, redo, lambda: safe_sqrt(total))
 
 
-def norm_from_squares(squares: jax.Array, x: jax.Array,
-                      axes: tuple[str, ...] = ()) -> jax.Array:
+def norm_from_squares(squares: jax.Array, x: jax.Array, axes: tuple[str, ...] = ()) -> jax.Array:
   """The L2 norm of leaf ``x`` from its float32 sum of squares ``squares``
   (already ``psum``'d over the ``shard_map`` ``axes`` its blocks lie on),
   redone from ``x`` where that sum overflowed or is tiny."""
@@ -162,12 +177,15 @@ def leaf_norms(tree: Any, col: Collective | None = None) -> Any:
   depends on leaf dtypes. With ``col``, each norm is the whole leaf's.
   """
   if col is None:
-    return jax.tree.map(
-        lambda x: leaf_norm(x) if is_float(x) else jnp.zeros((), FLOAT32), tree)
+    return jax.tree.map(lambda x: leaf_norm(x) if is_float(x) else jnp.zeros((), FLOAT32), tree)
   leaves, treedef = jax.tree.flatten(tree)
   splits = leaf_splits(col, tree)
-  squares = [sum_of_squares(x) if is_float(x) else jnp.zeros((), FLOAT32)
-             for x in leaves]
+  squares = [sum_of_squares(x) if is_float(x) else jnp.zeros((), FLOAT32) for x in leaves]
   squares = per_leaf(col, squares, splits)
-  return treedef.unflatten([
-      norm_from_squares(q, x, split.axes) if is_float(x) else q for q, x, split in zip(squares, leaves, splits)])
+  return jax.tree.unflatten(
+    treedef,
+    [
+      norm_from_squares(q, x, split.axes) if is_float(x) else q
+      for q, x, split in zip(squares, leaves, splits)
+    ],
+  )

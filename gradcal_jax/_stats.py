@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 _T = TypeVar("_T")
@@ -29,12 +30,14 @@ def register_state(name: str, fields: tuple[str, ...]) -> Callable[[_T], _T]:
   Fields not listed (buffers, inner states) are not exported, but gradcal states
   nested inside them are still found.
   """
+
   def decorate(cls: _T) -> _T:
     missing = set(fields) - set(cls._fields)  # type: ignore[attr-defined]
     if missing:
       raise TypeError(f"{cls!r} has no fields {sorted(missing)}")
     _REGISTRY[cls] = (name, tuple(fields))  # type: ignore[index]
     return cls
+
   return decorate
 
 
@@ -51,8 +54,7 @@ def path_str(path: tuple[Any, ...]) -> str:
 
 
 def _is_node(x: Any) -> bool:
-  return isinstance(x, (tuple, list, dict)) or (
-      hasattr(x, "items") and callable(x.items))
+  return isinstance(x, (tuple, list, dict)) or (hasattr(x, "items") and callable(x.items))
 
 
 def _children(x: Any) -> Iterator[Any]:
@@ -86,19 +88,29 @@ def named_states(opt_state: Any) -> Iterator[tuple[str, tuple[str, ...], Any]]:
     yield prefix, fields, state
 
 
-def collect(opt_state: Any) -> dict[str, jax.Array]:
+PER_LEAF = ("all", "summary", "none")
+
+
+def collect(opt_state: Any, per_leaf: str = "all") -> dict[str, jax.Array]:
   """Flat ``{"<transform>/<field>": array}`` of every registered state inside.
 
   Keys are stable: the walk follows the state's own order, and a transform
-  that appears again gets a suffix (``clip_by_global_norm_1/norm``).
+  that appears again gets a suffix (``clip_by_global_norm_1/norm``). A field
+  holding one value per leaf gives ``"<transform>/<field>/<path>"`` keys
+  (``per_leaf="all"``), its ``.../max`` and ``.../min`` over leaves
+  (``"summary"``, NaN if any leaf's is) or nothing (``"none"``).
   """
   out: dict[str, jax.Array] = {}
   for prefix, fields, state in named_states(opt_state):
     for field in fields:
-      for path, leaf in jax.tree_util.tree_flatten_with_path(
-          getattr(state, field))[0]:
-        key = f"{prefix}/{field}"
-        if path:
-          key = f"{key}/{path_str(path)}"
-        out[key] = leaf
+      key = f"{prefix}/{field}"
+      flat = jax.tree_util.tree_flatten_with_path(getattr(state, field))[0]
+      if len(flat) == 1 and not flat[0][0]:
+        out[key] = flat[0][1]
+      elif per_leaf == "all":
+        out.update({f"{key}/{path_str(path)}": leaf for path, leaf in flat})
+      elif per_leaf == "summary" and flat:
+        leaves = [jnp.asarray(leaf) for _, leaf in flat]
+        out[f"{key}/max"] = jnp.max(jnp.stack([jnp.max(x) for x in leaves]))
+        out[f"{key}/min"] = jnp.min(jnp.stack([jnp.min(x) for x in leaves]))
   return out

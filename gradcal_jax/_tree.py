@@ -8,8 +8,10 @@ through untouched and never enter a norm.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -24,14 +26,23 @@ def is_float(x: Any) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
+def flatten_up_to(treedef: Any, tree: Any) -> list[Any]:
+  """``tree``'s subtrees at the leaves of ``treedef`` (a ``None`` there is kept)."""
+  return treedef.flatten_up_to(tree)
+
+
+def add_up(values: Sequence[Any]) -> Any:
+  """``values[0] + values[1] + ...`` in order (``sum`` without its leading 0)."""
+  return functools.reduce(operator.add, values)
+
+
 def map_float(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
   """Maps ``fn`` over the floating leaves of ``tree``; other leaves pass through.
 
   ``rest`` are trees with the structure of ``tree`` (for example params) whose
   leaves are given to ``fn`` after the leaf of ``tree``.
   """
-  return jax.tree.map(
-      lambda x, *r: fn(x, *r) if is_float(x) else x, tree, *rest)
+  return jax.tree.map(lambda x, *r: fn(x, *r) if is_float(x) else x, tree, *rest)
 
 
 def float_leaves(tree: Any) -> list[jax.Array]:
@@ -58,6 +69,7 @@ class Collective(NamedTuple):
       shaped like the updates: the ``in_specs`` the gradient was given to
       ``shard_map`` with (``None`` entries mean replicated).
   """
+
   axis_names: tuple[str, ...]
   partition: Any
 
@@ -70,6 +82,7 @@ class LeafSplit(NamedTuple):
     dims: per dimension, the axes it is split on; ``None`` when the
       partition is not known (``Collective.partition`` is ``None``).
   """
+
   axes: tuple[str, ...]
   dims: tuple[tuple[str, ...], ...] | None
 
@@ -82,11 +95,10 @@ def collective(name: str, axis_name: Any, partition: Any = None) -> Collective |
       raise ValueError(f"{name}: partition= needs axis_name=, got axis_name=None.")
     return None
   names = (axis_name,) if isinstance(axis_name, str) else axis_name
-  if (not isinstance(names, tuple) or not names
-      or not all(isinstance(n, str) and n for n in names)):
+  if not isinstance(names, tuple) or not names or not all(isinstance(n, str) and n for n in names):
     raise ValueError(
-        f"axis_name must be a mesh axis name or a non-empty tuple of names, "
-        f"got {axis_name!r}.")
+      f"axis_name must be a mesh axis name or a non-empty tuple of names, got {axis_name!r}."
+    )
   return Collective(tuple(names), partition)
 
 
@@ -104,12 +116,11 @@ def leaf_splits(col: Collective, tree: Any, floats_only: bool = False) -> list[L
   else:
     known = True
     try:
-      specs = treedef.flatten_up_to(jax.tree.map(
-          lambda s: s, col.partition, is_leaf=_is_spec))
+      specs = flatten_up_to(treedef, jax.tree.map(lambda s: s, col.partition, is_leaf=_is_spec))
     except (ValueError, TypeError) as e:
       raise ValueError(
-          "partition= must be a pytree of PartitionSpec shaped like the "
-          f"updates: {e}") from None
+        f"partition= must be a pytree of PartitionSpec shaped like the updates: {e}"
+      ) from None
   splits = []
   for x, spec in zip(leaves, specs):
     if floats_only and not is_float(x):
@@ -119,7 +130,7 @@ def leaf_splits(col: Collective, tree: Any, floats_only: bool = False) -> list[L
       continue
     entries = tuple(spec or ()) + (None,) * max(0, x.ndim - len(spec or ()))
     dims = []
-    for entry in entries[:x.ndim]:
+    for entry in entries[: x.ndim]:
       named = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
       dims.append(tuple(n for n in named if n in col.axis_names))
     axes = tuple(n for n in col.axis_names if any(n in d for d in dims))
@@ -134,8 +145,7 @@ def _groups(splits: list[LeafSplit]) -> dict[tuple[str, ...], list[int]]:
   return groups
 
 
-def sum_over_leaves(col: Collective, values: list[jax.Array],
-                    splits: list[LeafSplit]) -> jax.Array:
+def sum_over_leaves(col: Collective, values: list[jax.Array], splits: list[LeafSplit]) -> jax.Array:
   """The sum of per-leaf block values over every leaf's whole extent and
   over the leaves: one scalar ``psum`` per distinct :attr:`LeafSplit.axes`."""
   del col
@@ -146,8 +156,9 @@ def sum_over_leaves(col: Collective, values: list[jax.Array],
   return total
 
 
-def per_leaf(col: Collective, values: list[jax.Array], splits: list[LeafSplit],
-             op: str = "sum") -> list[jax.Array]:
+def per_leaf(
+  col: Collective, values: list[jax.Array], splits: list[LeafSplit], op: str = "sum"
+) -> list[jax.Array]:
   """Each leaf's block value reduced over the axes it is split on (``"sum"``
   or ``"max"``): one ``psum``/``pmax`` of a short vector per group."""
   del col
@@ -165,8 +176,9 @@ def per_leaf(col: Collective, values: list[jax.Array], splits: list[LeafSplit],
 def dims_axes(split: LeafSplit, dims: Any) -> tuple[str, ...]:
   """The mesh axes that the dimensions ``dims`` of a leaf are split on."""
   if split.dims is None:
-    raise ValueError("this statistic needs partition= to know which dimensions "
-                     "are split (shard_map's in_specs).")
+    raise ValueError(
+      "this statistic needs partition= to know which dimensions are split (shard_map's in_specs)."
+    )
   named = [a for d in dims for a in split.dims[d]]
   return tuple(dict.fromkeys(named))
 
@@ -216,8 +228,9 @@ def over_devices(col: Collective | None, value: jax.Array, op: str = "sum") -> j
   axes = tuple(a for a in col.axis_names if varying is None or a in varying)
   if not axes:
     return value
-  reduce = {"sum": jax.lax.psum, "mean": jax.lax.pmean, "max": jax.lax.pmax,
-            "min": jax.lax.pmin}[op]
+  reduce = {"sum": jax.lax.psum, "mean": jax.lax.pmean, "max": jax.lax.pmax, "min": jax.lax.pmin}[
+    op
+  ]
   return reduce(value, axes)
 
 
@@ -259,9 +272,10 @@ def size(tree: Any, col: Collective | None = None) -> int:
   ``col``, of the whole leaves that ``shard_map``'s blocks make up."""
   if col is None:
     return sum(int(x.size) for x in float_leaves(tree))
-  return sum(int(x.size) * math.prod(jax.lax.axis_size(a) for a in split.axes)
-             for x, split in zip(float_leaves(tree),
-                                 leaf_splits(col, tree, floats_only=True)))
+  return sum(
+    int(x.size) * math.prod(jax.lax.axis_size(a) for a in split.axes)
+    for x, split in zip(float_leaves(tree), leaf_splits(col, tree, floats_only=True))
+  )
 
 
 def clip_scale(norm: jax.Array, max_norm: jax.Array | float) -> jax.Array:
@@ -298,53 +312,66 @@ def is_concrete(value: Any) -> bool:
 
 
 def check_number(
-    name: str,
-    value: Any,
-    *,
-    low: float = -math.inf,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
+  name: str,
+  value: Any,
+  *,
+  low: float = -math.inf,
+  high: float = math.inf,
+  low_open: bool = False,
+  high_open: bool = False,
+  optional: bool = False,
 ) -> None:
   """Raises ``ValueError`` naming ``name`` unless ``value`` lies in the range.
 
   The range is ``[low, high]``; ``low_open`` / ``high_open`` exclude an end.
-  The error says the allowed range and the value received.
+  The error says the allowed range and the value received. ``None`` passes
+  only when ``optional``; strings and booleans are not numbers (``float("1")``
+  would accept the first).
   """
-  if value is None or not is_concrete(value):
+  if value is None and optional:
     return
+  if not is_concrete(value):
+    return
+  if value is None or isinstance(value, (str, bytes, bool)):
+    raise ValueError(f"{name} must be a real number, got {value!r}.")
   try:
     v = float(value)
   except (TypeError, ValueError):
-    raise ValueError(
-        f"{name} must be a real number, got {value!r}.") from None
+    raise ValueError(f"{name} must be a real number, got {value!r}.") from None
   below = v <= low if low_open else v < low
   above = v >= high if high_open else v > high
   if math.isnan(v) or below or above:
     left = "(" if low_open else "["
     right = ")" if high_open else "]"
-    raise ValueError(
-        f"{name} must be in {left}{low}, {high}{right}, got {value!r}.")
+    raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}.")
 
 
 def check_int(name: str, value: Any, *, low: int = 0) -> None:
   """Raises ``ValueError`` naming ``name`` unless ``value`` is an int >= low."""
-  if isinstance(value, bool) or not isinstance(value, int):
-    if is_concrete(value) and not (
-        hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)):
-      raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+  integer_array = hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)
+  if (isinstance(value, bool) or not isinstance(value, int)) and (
+    is_concrete(value) and not integer_array
+  ):
+    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
   if is_concrete(value) and int(value) < low:
     raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+
+
+def check_transform(name: str, inner: Any) -> None:
+  """Raises ``ValueError`` unless ``inner`` is an optax transformation."""
+  if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+    raise ValueError(
+      f"{name} must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got {inner!r}."
+    )
 
 
 def require_params(name: str, params: Any) -> None:
   """Raises the contract's ``ValueError`` when a transform needs params."""
   if params is None:
-    raise ValueError(
-        f"{name} needs the parameters: call update(grads, state, params).")
+    raise ValueError(f"{name} needs the parameters: call update(grads, state, params).")
 
 
-INT32_MAX = 2 ** 31 - 1
+INT32_MAX = 2**31 - 1
 
 
 def count_if(count: jax.Array, cond: jax.Array) -> jax.Array:
@@ -367,11 +394,11 @@ def cycle_count(count: jax.Array, period: jax.Array | int) -> jax.Array:
 
 
 def run_or_hold(
-    run: jax.Array,
-    update: Callable[[Any, Any, Any], tuple[Any, Any]],
-    updates: Any,
-    inner_state: Any,
-    params: Any,
+  run: jax.Array,
+  update: Callable[[Any, Any, Any], tuple[Any, Any]],
+  updates: Any,
+  inner_state: Any,
+  params: Any,
 ) -> tuple[Any, Any]:
   """``update(updates, inner_state, params)`` when ``run``, else zeros and the
   inner state as it is, under one ``lax.cond``: the wrapped transform of a
@@ -393,6 +420,7 @@ def run_or_hold(
   in the other order XLA:CPU copies the inner state after the cond even when
   it is donated (measured).
   """
+
   def run_branch(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:
     return update(*operands)
 
@@ -400,7 +428,6 @@ def run_or_hold(
   shapes, state_shapes = jax.eval_shape(run_branch, operands)
 
   def hold(operands: tuple[Any, Any, Any]) -> tuple[Any, Any]:
-    return (optax.tree.zeros_like(shapes),
-            optax.tree.cast_like(operands[1], state_shapes))
+    return (optax.tree.zeros_like(shapes), optax.tree.cast_like(operands[1], state_shapes))
 
   return jax.lax.cond(run, run_branch, hold, operands)

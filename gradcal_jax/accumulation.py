@@ -15,9 +15,9 @@ INT32 = jnp.int32
 
 
 @_stats.register_state(
-    "accumulate",
-    fields=("micro_step", "inner_steps", "weight", "empty_steps",
-            "invalid_weights", "noise_scale"))
+  "accumulate",
+  fields=("micro_step", "inner_steps", "weight", "empty_steps", "invalid_weights", "noise_scale"),
+)
 class AccumulateState(NamedTuple):
   r"""State of :func:`accumulate`.
 
@@ -62,6 +62,7 @@ class AccumulateState(NamedTuple):
       micro-batches without ``weight=``); 0 before the first estimate,
       ``inf`` while the signal estimate is not positive.
   """
+
   micro_step: jax.Array
   inner_steps: jax.Array
   weight: jax.Array
@@ -77,8 +78,9 @@ class AccumulateState(NamedTuple):
   noise_scale: jax.Array
 
 
-def _noise_estimates(square_sum: jax.Array, positive: jax.Array, total: jax.Array,
-                     mean_square: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _noise_estimates(
+  square_sum: jax.Array, positive: jax.Array, total: jax.Array, mean_square: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""Unbiased ``(tr Sigma, |G|^2, valid)`` from one cycle (McCandlish et al.
   2018, appendix A.1, for micro-batches of sizes :math:`w_i`).
 
@@ -98,13 +100,13 @@ def _noise_estimates(square_sum: jax.Array, positive: jax.Array, total: jax.Arra
 
 
 def accumulate(
-    inner: optax.GradientTransformation,
-    every_k: int,
-    *,
-    accumulator_dtype: Any = jnp.float32,
-    noise_decay: float = 0.9,
-    axis_name: Any = None,
-    partition: Any = None,
+  inner: optax.GradientTransformation,
+  every_k: int,
+  *,
+  accumulator_dtype: Any = jnp.float32,
+  noise_decay: float = 0.9,
+  axis_name: Any = None,
+  partition: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Accumulates ``every_k`` weighted micro-batch gradients, then runs ``inner``.
 
@@ -197,6 +199,7 @@ def accumulate(
   """
   _tree.check_int("every_k", every_k, low=1)
   _tree.check_number("noise_decay", noise_decay, low=0.0, high=1.0, high_open=True)
+  _tree.check_transform("inner", inner)
   inner = optax.with_extra_args_support(inner)
   col = _tree.collective("accumulate", axis_name, partition)
   # 2**-m with 2**m >= every_k: every_k scaled weights sum below float32's
@@ -211,16 +214,29 @@ def accumulate(
     count = lambda: jnp.zeros((), INT32)
     zero = lambda: jnp.zeros((), FLOAT32)
     return AccumulateState(
-        micro_step=count(), inner_steps=count(), weight=zero(), scaled_weight=zero(),
-        empty_steps=count(), invalid_weights=count(),
-        accumulator=_tree.map_float(
-            lambda x: jnp.zeros_like(x, dtype=accumulator_dtype), params),
-        inner_state=inner.init(params), square_sum=zero(), positive=count(),
-        noise_trace=zero(), noise_signal=zero(), noise_scale=zero())
+      micro_step=count(),
+      inner_steps=count(),
+      weight=zero(),
+      scaled_weight=zero(),
+      empty_steps=count(),
+      invalid_weights=count(),
+      accumulator=_tree.map_float(lambda x: jnp.zeros_like(x, dtype=accumulator_dtype), params),
+      inner_state=inner.init(params),
+      square_sum=zero(),
+      positive=count(),
+      noise_trace=zero(),
+      noise_signal=zero(),
+      noise_scale=zero(),
+    )
 
-  def update_fn(updates: Any, state: AccumulateState, params: Any = None, *,
-                weight: Any = None, **extra_args: Any
-                ) -> tuple[Any, AccumulateState]:
+  def update_fn(
+    updates: Any,
+    state: AccumulateState,
+    params: Any = None,
+    *,
+    weight: Any = None,
+    **extra_args: Any,
+  ) -> tuple[Any, AccumulateState]:
     shared = weight is not None and col is not None
     if weight is None:
       weight = 1.0
@@ -239,8 +255,9 @@ def accumulate(
     # gradient.
     scaled = weight * weight_scale
     scaled_total = state.scaled_weight + scaled
-    share = jnp.where(scaled_total > 0,
-                      scaled / jnp.where(scaled_total > 0, scaled_total, 1.0), 0.0)
+    share = jnp.where(
+      scaled_total > 0, scaled / jnp.where(scaled_total > 0, scaled_total, 1.0), 0.0
+    )
     # The true total, exactly (a power of two), inf past float32's range.
     total = scaled_total / weight_scale
     boundary = state.micro_step + 1 >= every_k
@@ -258,19 +275,20 @@ def accumulate(
     # it is the mean handed to `inner` (read once per fusion, instead of the
     # gradient and the old buffer both).
     accumulator = jax.tree.map(
-        lambda g, acc: add(g, acc) if _tree.is_float(g) else acc,
-        updates, state.accumulator)
+      lambda g, acc: add(g, acc) if _tree.is_float(g) else acc, updates, state.accumulator
+    )
 
     def run(accumulator: Any, inner_state: Any, params: Any) -> tuple[Any, Any]:
       mean = jax.tree.map(
-          lambda g, acc: acc.astype(g.dtype) if _tree.is_float(g) else g,
-          updates, accumulator)
+        lambda g, acc: acc.astype(g.dtype) if _tree.is_float(g) else g, updates, accumulator
+      )
       return inner.update(mean, inner_state, params, **extra_args)
 
     # Between boundaries, and at a boundary with nothing accumulated, the
     # inner state is held.
     new_updates, inner_state = _tree.run_or_hold(
-        run_inner, run, accumulator, state.inner_state, params)
+      run_inner, run, accumulator, state.inner_state, params
+    )
 
     # Noise scale: this micro-batch's squared norm (read with the gradient it
     # accumulates) and, at a boundary, that of the mean.
@@ -279,40 +297,51 @@ def accumulate(
     positive = state.positive + (share > 0).astype(INT32)
     # XLA:CPU fuses no reduction with an elementwise output, so each norm is
     # a read of its own: the mean's is taken at a boundary only.
-    means = [acc for g, acc in zip(jax.tree.leaves(updates), jax.tree.leaves(accumulator))
-             if _tree.is_float(g)]
+    means = [
+      acc
+      for g, acc in zip(jax.tree.leaves(updates), jax.tree.leaves(accumulator))
+      if _tree.is_float(g)
+    ]
+
     def means_square(xs: list[jax.Array]) -> jax.Array:
       if col is None:
         return _norms.total_sum_of_squares(xs)
-      return _tree.sum_over_leaves(col, [_norms.sum_of_squares(x) for x in xs],
-                                   _tree.leaf_splits(col, updates, floats_only=True))
+      return _tree.sum_over_leaves(
+        col,
+        [_norms.sum_of_squares(x) for x in xs],
+        _tree.leaf_splits(col, updates, floats_only=True),
+      )
 
     mean_square = jax.lax.cond(
-        boundary & (positive >= 2), means_square,
-        lambda xs: jnp.zeros((), FLOAT32), means)
-    trace, signal, estimated = _noise_estimates(square_sum, positive, total,
-                                                mean_square)
+      boundary & (positive >= 2), means_square, lambda xs: jnp.zeros((), FLOAT32), means
+    )
+    trace, signal, estimated = _noise_estimates(square_sum, positive, total, mean_square)
     estimated = boundary & estimated
-    noise_trace = jnp.where(estimated, noise_decay * state.noise_trace
-                            + (1.0 - noise_decay) * trace, state.noise_trace)
-    noise_signal = jnp.where(estimated, noise_decay * state.noise_signal
-                             + (1.0 - noise_decay) * signal, state.noise_signal)
+    noise_trace = jnp.where(
+      estimated, noise_decay * state.noise_trace + (1.0 - noise_decay) * trace, state.noise_trace
+    )
+    noise_signal = jnp.where(
+      estimated, noise_decay * state.noise_signal + (1.0 - noise_decay) * signal, state.noise_signal
+    )
     noise_scale = jnp.where(
-        noise_signal > 0, noise_trace / jnp.where(noise_signal > 0, noise_signal, 1.0),
-        jnp.where(noise_trace > 0, jnp.inf, 0.0))
+      noise_signal > 0,
+      noise_trace / jnp.where(noise_signal > 0, noise_signal, 1.0),
+      jnp.where(noise_trace > 0, jnp.inf, 0.0),
+    )
     return new_updates, AccumulateState(
-        micro_step=jnp.where(boundary, 0, state.micro_step + 1).astype(INT32),
-        inner_steps=_tree.count_if(state.inner_steps, run_inner),
-        weight=jnp.where(boundary, 0.0, total).astype(FLOAT32),
-        scaled_weight=jnp.where(boundary, 0.0, scaled_total).astype(FLOAT32),
-        empty_steps=_tree.count_if(state.empty_steps, boundary & ~run_inner),
-        invalid_weights=_tree.count_if(state.invalid_weights, ~valid),
-        accumulator=accumulator,
-        inner_state=inner_state,
-        square_sum=jnp.where(boundary, 0.0, square_sum).astype(FLOAT32),
-        positive=jnp.where(boundary, 0, positive).astype(INT32),
-        noise_trace=noise_trace.astype(FLOAT32),
-        noise_signal=noise_signal.astype(FLOAT32),
-        noise_scale=noise_scale.astype(FLOAT32))
+      micro_step=jnp.where(boundary, 0, state.micro_step + 1).astype(INT32),
+      inner_steps=_tree.count_if(state.inner_steps, run_inner),
+      weight=jnp.where(boundary, 0.0, total).astype(FLOAT32),
+      scaled_weight=jnp.where(boundary, 0.0, scaled_total).astype(FLOAT32),
+      empty_steps=_tree.count_if(state.empty_steps, boundary & ~run_inner),
+      invalid_weights=_tree.count_if(state.invalid_weights, ~valid),
+      accumulator=accumulator,
+      inner_state=inner_state,
+      square_sum=jnp.where(boundary, 0.0, square_sum).astype(FLOAT32),
+      positive=jnp.where(boundary, 0, positive).astype(INT32),
+      noise_trace=noise_trace.astype(FLOAT32),
+      noise_signal=noise_signal.astype(FLOAT32),
+      noise_scale=noise_scale.astype(FLOAT32),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -15,16 +15,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _stats
-from gradcal_jax import _norms
-from gradcal_jax import _tree
+from gradcal_jax import _norms, _stats, _tree
 
 FLOAT32 = jnp.float32
 INT32 = jnp.int32
 
 
-def _record(buffer: jax.Array, count: jax.Array, value: jax.Array,
-            keep: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _record(
+  buffer: jax.Array, count: jax.Array, value: jax.Array, keep: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Writes ``value`` at the ring position of ``count`` when ``keep``.
 
   The count cycles near the int32 maximum instead of freezing there
@@ -55,15 +54,17 @@ class AutoClipState(NamedTuple):
     norm: float32 global norm of the last gradient, before clipping.
     threshold: float32 clipping threshold used at the last step.
   """
+
   norms: jax.Array
   sorted_norms: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
   norm: jax.Array
   threshold: jax.Array
 
 
-def _sorted_replace(ordered: jax.Array, old: jax.Array, evict: jax.Array,
-                    new: jax.Array, insert: jax.Array) -> jax.Array:
+def _sorted_replace(
+  ordered: jax.Array, old: jax.Array, evict: jax.Array, new: jax.Array, insert: jax.Array
+) -> jax.Array:
   """Removes ``old`` (when ``evict``) then inserts ``new`` (when ``insert``).
 
   ``ordered`` is ascending with ``+inf`` padding. Each edit is a shift of the
@@ -80,11 +81,11 @@ def _sorted_replace(ordered: jax.Array, old: jax.Array, evict: jax.Array,
 
 
 def autoclip(
-    percentile: float = 10.0,
-    history: int = 1000,
-    *,
-    axis_name: Any = None,
-    partition: Any = None,
+  percentile: float = 10.0,
+  history: int = 1000,
+  *,
+  axis_name: Any = None,
+  partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""Clips by global norm to a percentile of the recent gradient norms (AutoClip).
 
@@ -136,21 +137,22 @@ def autoclip(
   def init_fn(params: Any) -> AutoClipState:
     del params
     return AutoClipState(
-        norms=jnp.zeros((history,), FLOAT32),
-        sorted_norms=jnp.full((history,), jnp.inf, FLOAT32),
-        count=jnp.zeros((), INT32),
-        norm=jnp.zeros((), FLOAT32),
-        threshold=jnp.zeros((), FLOAT32))
+      norms=jnp.zeros((history,), FLOAT32),
+      sorted_norms=jnp.full((history,), jnp.inf, FLOAT32),
+      count=jnp.zeros((), INT32),
+      norm=jnp.zeros((), FLOAT32),
+      threshold=jnp.zeros((), FLOAT32),
+    )
 
-  def update_fn(updates: Any, state: AutoClipState,
-                params: Any = None) -> tuple[Any, AutoClipState]:
+  def update_fn(
+    updates: Any, state: AutoClipState, params: Any = None
+  ) -> tuple[Any, AutoClipState]:
     del params
     norm = _norms.global_norm(updates, col)
     finite = jnp.isfinite(norm)
     full = state.count >= history
     evicted = state.norms[state.count % history]
-    ordered = _sorted_replace(state.sorted_norms, evicted, full & finite,
-                              norm, finite)
+    ordered = _sorted_replace(state.sorted_norms, evicted, full & finite, norm, finite)
     norms, count = _record(state.norms, state.count, norm, finite)
     n = jnp.minimum(count, history)
     rank = (jnp.asarray(percentile, FLOAT32) / 100.0) * jnp.maximum(n - 1, 0)
@@ -159,20 +161,20 @@ def autoclip(
     frac = rank - low
     below, above = ordered[low], ordered[high]
     # numpy's linear interpolation, anchored at the nearer order statistic.
-    threshold = jnp.where(frac < 0.5, below + (above - below) * frac,
-                          above - (above - below) * (1.0 - frac))
+    threshold = jnp.where(
+      frac < 0.5, below + (above - below) * frac, above - (above - below) * (1.0 - frac)
+    )
     # Before any finite norm was seen there is no history: report the norm.
     threshold = jnp.where(n > 0, threshold, norm)
     scale = _tree.clip_scale(norm, threshold)
     return _tree.scale_tree(updates, scale), AutoClipState(
-        norms=norms, sorted_norms=ordered, count=count, norm=norm,
-        threshold=threshold)
+      norms=norms, sorted_norms=ordered, count=count, norm=norm, threshold=threshold
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-@_stats.register_state(
-    "zclip", fields=("norm", "threshold", "mean", "variance", "clipped"))
+@_stats.register_state("zclip", fields=("norm", "threshold", "mean", "variance", "clipped"))
 class ZClipState(NamedTuple):
   """State of :func:`zclip`.
 
@@ -187,6 +189,7 @@ class ZClipState(NamedTuple):
       (capped by ``max_norm``) when it was not clipped.
     clipped: int32, 1 if the last gradient was scaled down, else 0.
   """
+
   mean: jax.Array
   variance: jax.Array
   step: jax.Array
@@ -196,14 +199,14 @@ class ZClipState(NamedTuple):
 
 
 def zclip(
-    z_threshold: float = 2.5,
-    alpha: float = 0.97,
-    warmup_steps: int = 25,
-    max_norm: float | None = None,
-    eps: float = 1e-6,
-    *,
-    axis_name: Any = None,
-    partition: Any = None,
+  z_threshold: float = 2.5,
+  alpha: float = 0.97,
+  warmup_steps: int = 25,
+  max_norm: float | None = None,
+  eps: float = 1e-6,
+  *,
+  axis_name: Any = None,
+  partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""Clips gradient-norm outliers by their z-score against running moments (ZClip).
 
@@ -257,10 +260,9 @@ def zclip(
     https://github.com/bluorion-com/ZClip.
   """
   _tree.check_number("z_threshold", z_threshold, low=0.0, low_open=True)
-  _tree.check_number("alpha", alpha, low=0.0, high=1.0, low_open=True,
-                     high_open=True)
+  _tree.check_number("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True)
   _tree.check_int("warmup_steps", warmup_steps, low=1)
-  _tree.check_number("max_norm", max_norm, low=0.0)
+  _tree.check_number("max_norm", max_norm, low=0.0, optional=True)
   _tree.check_number("eps", eps, low=0.0)
   col = _tree.collective("zclip", axis_name, partition)
 
@@ -268,11 +270,16 @@ def zclip(
     del params
     # One array per field: fields sharing a buffer cannot be donated.
     zero = lambda: jnp.zeros((), FLOAT32)
-    return ZClipState(mean=zero(), variance=zero(), step=jnp.zeros((), INT32),
-                      norm=zero(), threshold=zero(), clipped=jnp.zeros((), INT32))
+    return ZClipState(
+      mean=zero(),
+      variance=zero(),
+      step=jnp.zeros((), INT32),
+      norm=zero(),
+      threshold=zero(),
+      clipped=jnp.zeros((), INT32),
+    )
 
-  def update_fn(updates: Any, state: ZClipState,
-                params: Any = None) -> tuple[Any, ZClipState]:
+  def update_fn(updates: Any, state: ZClipState, params: Any = None) -> tuple[Any, ZClipState]:
     del params
     norm = _norms.global_norm(updates, col)
     finite = jnp.isfinite(norm)
@@ -295,24 +302,25 @@ def zclip(
     scale = _tree.clip_scale(norm, threshold)
 
     ema_mean = alpha * mean + (1.0 - alpha) * adaptive
-    ema_variance = alpha * variance + (1.0 - alpha) * (adaptive - ema_mean)**2
+    ema_variance = alpha * variance + (1.0 - alpha) * (adaptive - ema_mean) ** 2
     new_mean = jnp.where(warmup, warm_mean, ema_mean)
     new_variance = jnp.where(warmup, warm_variance, ema_variance)
     new_state = ZClipState(
-        mean=jnp.where(finite, new_mean, mean).astype(FLOAT32),
-        variance=jnp.where(finite, new_variance, variance).astype(FLOAT32),
-        step=_tree.count_if(state.step, finite),
-        norm=norm,
-        threshold=jnp.asarray(threshold, FLOAT32),
-        clipped=(scale < 1.0).astype(INT32))
+      mean=jnp.where(finite, new_mean, mean).astype(FLOAT32),
+      variance=jnp.where(finite, new_variance, variance).astype(FLOAT32),
+      step=_tree.count_if(state.step, finite),
+      norm=norm,
+      threshold=jnp.asarray(threshold, FLOAT32),
+      clipped=(scale < 1.0).astype(INT32),
+    )
     return _tree.scale_tree(updates, scale), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 @_stats.register_state(
-    "skip_spikes",
-    fields=("norm", "threshold", "num_skipped", "num_nonfinite", "skipped"))
+  "skip_spikes", fields=("norm", "threshold", "num_skipped", "num_nonfinite", "skipped")
+)
 class SkipSpikesState(NamedTuple):
   """State of :func:`skip_spikes`.
 
@@ -331,6 +339,7 @@ class SkipSpikesState(NamedTuple):
     num_nonfinite: int32, steps skipped for a non-finite gradient norm or loss.
     skipped: int32, 1 if the last step was skipped, else 0.
   """
+
   inner_state: Any
   norms: jax.Array
   norm_count: jax.Array
@@ -348,18 +357,18 @@ def _limit(buffer: jax.Array, count: jax.Array, sigma: float) -> jax.Array:
   valid, n = _valid(buffer, count)
   n = jnp.maximum(n, 1).astype(FLOAT32)
   mean = jnp.sum(jnp.where(valid, buffer, 0.0)) / n
-  variance = jnp.sum(jnp.where(valid, (buffer - mean)**2, 0.0)) / n
+  variance = jnp.sum(jnp.where(valid, (buffer - mean) ** 2, 0.0)) / n
   return mean + sigma * _norms.safe_sqrt(variance)
 
 
 def skip_spikes(
-    inner: optax.GradientTransformation,
-    sigma: float = 6.0,
-    window: int = 128,
-    min_history: int = 64,
-    *,
-    axis_name: Any = None,
-    partition: Any = None,
+  inner: optax.GradientTransformation,
+  sigma: float = 6.0,
+  window: int = 128,
+  min_history: int = 64,
+  *,
+  axis_name: Any = None,
+  partition: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Skips steps whose gradient norm (or loss) is a spike or non-finite.
 
@@ -414,6 +423,7 @@ def skip_spikes(
   _tree.check_int("window", window, low=1)
   _tree.check_int("min_history", min_history, low=1)
   _tree.check_number("min_history", min_history, low=1, high=window)
+  _tree.check_transform("inner", inner)
   inner = optax.with_extra_args_support(inner)
   col = _tree.collective("skip_spikes", axis_name, partition)
 
@@ -422,14 +432,21 @@ def skip_spikes(
     zero = lambda: jnp.zeros((), FLOAT32)
     count = lambda: jnp.zeros((), INT32)
     return SkipSpikesState(
-        inner_state=inner.init(params),
-        norms=jnp.zeros((window,), FLOAT32), norm_count=count(),
-        losses=jnp.zeros((window,), FLOAT32), loss_count=count(),
-        norm=zero(), threshold=zero(), num_skipped=count(), num_nonfinite=count(),
-        skipped=count())
+      inner_state=inner.init(params),
+      norms=jnp.zeros((window,), FLOAT32),
+      norm_count=count(),
+      losses=jnp.zeros((window,), FLOAT32),
+      loss_count=count(),
+      norm=zero(),
+      threshold=zero(),
+      num_skipped=count(),
+      num_nonfinite=count(),
+      skipped=count(),
+    )
 
-  def update_fn(updates: Any, state: SkipSpikesState, params: Any = None,
-                **extra_args: Any) -> tuple[Any, SkipSpikesState]:
+  def update_fn(
+    updates: Any, state: SkipSpikesState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, SkipSpikesState]:
     loss = extra_args.pop("loss", None)
     norm = _norms.global_norm(updates, col)
     threshold = _limit(state.norms, state.norm_count, sigma)
@@ -437,6 +454,11 @@ def skip_spikes(
     spike = (state.norm_count >= min_history) & (norm > threshold)
     if loss is not None:
       loss = jnp.asarray(loss, FLOAT32)
+      if loss.shape != ():
+        raise ValueError(
+          f"skip_spikes: loss= must be a scalar (the mean loss of the batch), got shape "
+          f"{loss.shape}; reduce it first, e.g. loss=jnp.mean(per_example_losses)."
+        )
       loss = _tree.over_devices(col, loss, op="mean")
       loss_limit = _limit(state.losses, state.loss_count, sigma)
       nonfinite = nonfinite | ~jnp.isfinite(loss)
@@ -444,18 +466,24 @@ def skip_spikes(
     skip = nonfinite | spike
 
     new_updates, inner_state = _tree.run_or_hold(
-        ~skip, lambda u, s, p: inner.update(u, s, p, **extra_args),
-        updates, state.inner_state, params)
+      ~skip, lambda u, s, p: inner.update(u, s, p, **extra_args), updates, state.inner_state, params
+    )
     accept = ~skip
     norms, norm_count = _record(state.norms, state.norm_count, norm, accept)
     losses, loss_count = state.losses, state.loss_count
     if loss is not None:
       losses, loss_count = _record(losses, loss_count, loss, accept)
     return new_updates, SkipSpikesState(
-        inner_state=inner_state, norms=norms, norm_count=norm_count,
-        losses=losses, loss_count=loss_count, norm=norm, threshold=threshold,
-        num_skipped=_tree.count_if(state.num_skipped, skip),
-        num_nonfinite=_tree.count_if(state.num_nonfinite, nonfinite),
-        skipped=skip.astype(INT32))
+      inner_state=inner_state,
+      norms=norms,
+      norm_count=norm_count,
+      losses=losses,
+      loss_count=loss_count,
+      norm=norm,
+      threshold=threshold,
+      num_skipped=_tree.count_if(state.num_skipped, skip),
+      num_nonfinite=_tree.count_if(state.num_nonfinite, nonfinite),
+      skipped=skip.astype(INT32),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

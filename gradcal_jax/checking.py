@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -52,8 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradcal_jax import _stats
-from gradcal_jax import _tree
+from gradcal_jax import _stats, _tree
 
 FLOAT32 = jnp.float32
 
@@ -68,7 +67,7 @@ _NOISE_FLOOR = 16.0
 # chunk batches more of phi at every point, a smaller one compiles phi more
 # times), and few enough that the points hold at most _CHUNK_ENTRIES entries.
 _CHUNK = 4
-_CHUNK_ENTRIES = 2 ** 24
+_CHUNK_ENTRIES = 2**24
 
 
 def _eps(dtype: Any) -> float:
@@ -83,17 +82,19 @@ def _default_rtol(eps: float) -> float:
 
 class _Measured(NamedTuple):
   """What is measured on one leaf (stacked over leaves before judging)."""
-  reverse: jax.Array   # (directions,) <g_i, v>
-  forward: jax.Array   # (directions,) jvp, NaN when skipped
-  f0: jax.Array        # () value at the centre
-  f: jax.Array         # (directions, len(_OFFSETS)) values at x + a t v
-  step: jax.Array      # () t
-  typical: jax.Array   # () ||g_i|| / sqrt(n_i): a typical |<g_i, v>|
-  finite: jax.Array    # () bool: g_i has no NaN or inf
+
+  reverse: jax.Array  # (directions,) <g_i, v>
+  forward: jax.Array  # (directions,) jvp, NaN when skipped
+  f0: jax.Array  # () value at the centre
+  f: jax.Array  # (directions, len(_OFFSETS)) values at x + a t v
+  step: jax.Array  # () t
+  typical: jax.Array  # () ||g_i|| / sqrt(n_i): a typical |<g_i, v>|
+  finite: jax.Array  # () bool: g_i has no NaN or inf
 
 
 class _LeafCheck(NamedTuple):
   """The comparison for each leaf, at its worst direction (one entry per leaf)."""
+
   error: jax.Array
   reverse: jax.Array
   forward: jax.Array
@@ -111,7 +112,7 @@ def _draw(key: jax.Array, shapes: list[tuple[int, ...]], dtype: Any) -> list[jax
   """
   sizes = [math.prod(shape) for shape in shapes]
   flat = jax.random.uniform(key, (sum(sizes),), dtype, -1.0, 1.0)
-  bounds = np.cumsum([0] + sizes)
+  bounds = np.cumsum([0, *sizes])
   return [flat[a:b].reshape(shape) for a, b, shape in zip(bounds[:-1], bounds[1:], shapes)]
 
 
@@ -121,14 +122,13 @@ def _unit(v: jax.Array) -> jax.Array:
   return v / jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
 
 
-def _step(leaf: jax.Array, fallback_rms: jax.Array, dtype: Any,
-          eps: float) -> jax.Array:
+def _step(leaf: jax.Array, fallback_rms: jax.Array, dtype: Any, eps: float) -> jax.Array:
   """``eps**(1/5) * ||leaf||`` (a zero leaf uses the fallback entry size)."""
   norm = jnp.sqrt(jnp.sum(jnp.square(leaf.astype(dtype))))
   norm = jnp.where(norm > 0, norm, fallback_rms * math.sqrt(leaf.size))
   # eps**(1/5) balances the O(t**4) truncation of the extrapolated difference
   # against its O(eps / t) rounding.
-  return (eps ** 0.2) * norm
+  return (eps**0.2) * norm
 
 
 def _rms(leaves: list[jax.Array], dtype: Any) -> jax.Array:
@@ -138,9 +138,14 @@ def _rms(leaves: list[jax.Array], dtype: Any) -> jax.Array:
   return jnp.where(rms > 0, rms, jnp.ones((), dtype))
 
 
-def _finite_differences(phi: Callable[[jax.Array], jax.Array], leaf: jax.Array,
-                        v: jax.Array, t: jax.Array, dtype: Any,
-                        batched: bool) -> jax.Array:
+def _finite_differences(
+  phi: Callable[[jax.Array], jax.Array],
+  leaf: jax.Array,
+  v: jax.Array,
+  t: jax.Array,
+  dtype: Any,
+  batched: bool,
+) -> jax.Array:
   """``phi`` at ``x + a t v`` for every offset ``a`` and direction.
 
   Returns an array of shape ``(directions, len(_OFFSETS))``; the centre value
@@ -152,31 +157,40 @@ def _finite_differences(phi: Callable[[jax.Array], jax.Array], leaf: jax.Array,
     def at(a_d: tuple[jax.Array, jax.Array]) -> jax.Array:
       a, d = a_d
       return phi((leaf.astype(dtype) + a * v[d]).astype(leaf.dtype)).astype(dtype)
+
     directions = v.shape[0]
-    values = jax.lax.map(at, (jnp.tile(offsets, directions),
-                              jnp.repeat(jnp.arange(directions), len(_OFFSETS))))
+    values = jax.lax.map(
+      at, (jnp.tile(offsets, directions), jnp.repeat(jnp.arange(directions), len(_OFFSETS)))
+    )
     return values.reshape(directions, len(_OFFSETS))
   ones = (1,) * leaf.ndim
-  points = (leaf.astype(dtype)[None, None]
-            + offsets.reshape((1, len(_OFFSETS)) + ones) * v[:, None])
-  points = points.reshape((-1,) + leaf.shape).astype(leaf.dtype)
+  points = leaf.astype(dtype)[None, None] + offsets.reshape((1, len(_OFFSETS), *ones)) * v[:, None]
+  points = points.reshape((-1, *leaf.shape)).astype(leaf.dtype)
   values = jax.vmap(phi)(points).astype(dtype)
   return values.reshape(v.shape[0], len(_OFFSETS))
 
 
-def _gradient_terms(g_leaf: jax.Array, v: jax.Array, dtype: Any
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _gradient_terms(
+  g_leaf: jax.Array, v: jax.Array, dtype: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``<g_i, v>`` for each direction, ``||g_i|| / sqrt(n_i)`` (a typical
   ``|<g_i, v>|``) and whether ``g_i`` is finite, in ``dtype``."""
   g = g_leaf.astype(dtype)
   axes = tuple(range(1, v.ndim))
-  return (jnp.sum(g[None] * v, axis=axes),
-          jnp.sqrt(jnp.sum(g * g)) / math.sqrt(max(g.size, 1)),
-          jnp.all(jnp.isfinite(g)))
+  return (
+    jnp.sum(g[None] * v, axis=axes),
+    jnp.sqrt(jnp.sum(g * g)) / math.sqrt(max(g.size, 1)),
+    jnp.all(jnp.isfinite(g)),
+  )
 
 
-def _judge(m: _Measured, has_forward: jax.Array, rtol: jax.Array,
-           value_eps: jax.Array, rounding: jax.Array | None = None) -> _LeafCheck:
+def _judge(
+  m: _Measured,
+  has_forward: jax.Array,
+  rtol: jax.Array,
+  value_eps: jax.Array,
+  rounding: jax.Array | None = None,
+) -> _LeafCheck:
   """Compares the three estimates of every leaf at once and gives verdicts.
 
   ``m`` holds each field stacked over leaves (leading axis); ``has_forward``,
@@ -206,8 +220,8 @@ def _judge(m: _Measured, has_forward: jax.Array, rtol: jax.Array,
   has_forward = has_forward[:, None] & jnp.isfinite(m.forward)
   forward = jnp.where(has_forward, m.forward, 0.0)
   scale = jnp.maximum(
-      jnp.maximum(m.typical, jnp.max(jnp.abs(fd), axis=1)),
-      jnp.max(jnp.abs(forward), axis=1))
+    jnp.maximum(m.typical, jnp.max(jnp.abs(fd), axis=1)), jnp.max(jnp.abs(forward), axis=1)
+  )
   scale = jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)[:, None]
   fd_error = jnp.abs(m.reverse - fd) / scale
   ad_error = jnp.where(has_forward, jnp.abs(forward - m.reverse) / scale, 0.0)
@@ -216,21 +230,29 @@ def _judge(m: _Measured, has_forward: jax.Array, rtol: jax.Array,
   worst = jnp.argmax(error, axis=1)
   pick = lambda a: jnp.take_along_axis(a, worst[:, None], axis=1)[:, 0]
 
-  finite = m.finite & jnp.isfinite(m.f0) & jnp.all(
-      jnp.isfinite(m.f) & jnp.isfinite(m.reverse[..., None]), axis=(1, 2))
+  finite = (
+    m.finite
+    & jnp.isfinite(m.f0)
+    & jnp.all(jnp.isfinite(m.f) & jnp.isfinite(m.reverse[..., None]), axis=(1, 2))
+  )
   rtol = rtol[:, None]
   disagree = fd_error > rtol
   mismatch = jnp.any(ad_error > rtol, axis=1) | jnp.any(
-      disagree & (fd_error > _TRUST * uncertainty[:, None]), axis=1)
+    disagree & (fd_error > _TRUST * uncertainty[:, None]), axis=1
+  )
   verdict = jnp.where(
-      ~finite, _NONFINITE,
-      jnp.where(mismatch, _MISMATCH,
-                jnp.where(jnp.any(disagree, axis=1), _UNRELIABLE, _OK)))
+    ~finite,
+    _NONFINITE,
+    jnp.where(mismatch, _MISMATCH, jnp.where(jnp.any(disagree, axis=1), _UNRELIABLE, _OK)),
+  )
   return _LeafCheck(
-      error=jnp.where(finite, pick(error), jnp.inf),
-      reverse=pick(m.reverse), forward=pick(m.forward),
-      finite_difference=pick(fd), uncertainty=uncertainty,
-      verdict=verdict.astype(jnp.int32))
+    error=jnp.where(finite, pick(error), jnp.inf),
+    reverse=pick(m.reverse),
+    forward=pick(m.forward),
+    finite_difference=pick(fd),
+    uncertainty=uncertainty,
+    verdict=verdict.astype(jnp.int32),
+  )
 
 
 def _is_custom_vjp_error(e: Exception) -> bool:
@@ -241,11 +263,10 @@ def _chunks(members: list[int], size: int, points: int) -> list[list[int]]:
   """``members`` cut into consecutive runs of at most ``_CHUNK`` leaves, fewer
   when ``points`` copies of each would exceed ``_CHUNK_ENTRIES``."""
   room = max(1, min(_CHUNK, _CHUNK_ENTRIES // max(points * size, 1)))
-  return [members[a:a + room] for a in range(0, len(members), room)]
+  return [members[a : a + room] for a in range(0, len(members), room)]
 
 
-def _chunk_plan(leaves: list[Any], checked: list[int],
-                num_directions: int) -> list[list[int]]:
+def _chunk_plan(leaves: list[Any], checked: list[int], num_directions: int) -> list[list[int]]:
   """The checked leaves (as positions in ``checked``) cut into chunks.
 
   Leaves of one shape and dtype (the layers of a deep model) are cut, in tree
@@ -261,13 +282,20 @@ def _chunk_plan(leaves: list[Any], checked: list[int],
   for n, i in enumerate(checked):
     groups.setdefault((leaves[i].shape, jnp.dtype(leaves[i].dtype)), []).append(n)
   points = len(_OFFSETS) * num_directions
-  return [chunk for members in groups.values()
-          for chunk in _chunks(members, leaves[checked[members[0]]].size, points)]
+  return [
+    chunk
+    for members in groups.values()
+    for chunk in _chunks(members, leaves[checked[members[0]]].size, points)
+  ]
 
 
-def _over_chunks(chunks: list[list[int]], checked: list[int], key: jax.Array,
-                 run_chunk: Callable[[list[int], list[int], jax.Array], Any],
-                 wide: Any) -> Any:
+def _over_chunks(
+  chunks: list[list[int]],
+  checked: list[int],
+  key: jax.Array,
+  run_chunk: Callable[[list[int], list[int], jax.Array], Any],
+  wide: Any,
+) -> Any:
   """``run_chunk(members, idx, chunk_key)`` for every chunk, its per-member
   results cast to ``wide`` (flags stay bool), concatenated and put back in
   ``checked`` order. ``idx`` are the members' indices among all leaves; each
@@ -275,10 +303,8 @@ def _over_chunks(chunks: list[list[int]], checked: list[int], key: jax.Array,
   other chunks are checked."""
   parts, order = [], []
   for number, members in enumerate(chunks):
-    part = run_chunk(members, [checked[n] for n in members],
-                     jax.random.fold_in(key, number))
-    parts.append(jax.tree.map(
-        lambda a: a if a.dtype == jnp.bool_ else a.astype(wide), part))
+    part = run_chunk(members, [checked[n] for n in members], jax.random.fold_in(key, number))
+    parts.append(jax.tree.map(lambda a: a if a.dtype == jnp.bool_ else a.astype(wide), part))
     order += members
   position = np.argsort(np.asarray(order))
   return jax.tree.map(lambda *a: jnp.concatenate(a)[position], *parts)
@@ -293,27 +319,29 @@ def _pick(k: jax.Array, xs: list[jax.Array]) -> jax.Array:
   return out
 
 
-def _replaced(leaves: list[Any], treedef: Any, idx: list[int],
-              ys: list[jax.Array]) -> Any:
+def _replaced(leaves: list[Any], treedef: Any, idx: list[int], ys: Sequence[jax.Array]) -> Any:
   """The tree of ``leaves`` with ``leaves[idx[j]]`` replaced by ``ys[j]``."""
   new = list(leaves)
   for i, y in zip(idx, ys):
     new[i] = y
-  return treedef.unflatten(new)
+  return jax.tree.unflatten(treedef, new)
 
 
-def _perturbed(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef: Any,
-               idx: list[int], k: jax.Array) -> Callable[[jax.Array], jax.Array]:
+def _perturbed(
+  phi: Callable[[Any], jax.Array], leaves: list[Any], treedef: Any, idx: list[int], k: jax.Array
+) -> Callable[[jax.Array], jax.Array]:
   """``y -> phi(leaves with member k of the chunk idx replaced by y)``.
 
   A select per member, not a scatter into a stack: each stays one op fused
   next to its use under ``jax.vmap``."""
-  return lambda y: phi(_replaced(leaves, treedef, idx, [
-      jnp.where(k == j, y, leaves[i]) for j, i in enumerate(idx)]))
+  return lambda y: phi(
+    _replaced(leaves, treedef, idx, [jnp.where(k == j, y, leaves[i]) for j, i in enumerate(idx)])
+  )
 
 
-def _directions(chunk_key: jax.Array, k: jax.Array, num_directions: int,
-                like: jax.Array, wide: Any, dtype: Any) -> jax.Array:
+def _directions(
+  chunk_key: jax.Array, k: jax.Array, num_directions: int, like: jax.Array, wide: Any, dtype: Any
+) -> jax.Array:
   """Member ``k``'s ``num_directions`` unit directions, shaped like its leaf.
 
   Uniform entries in [-1, 1], normalized: a random direction whose law is
@@ -328,23 +356,32 @@ def _directions(chunk_key: jax.Array, k: jax.Array, num_directions: int,
   alone, so they can be drawn again where only the gradient is at hand.
   """
   seed = jax.random.bits(jax.random.fold_in(chunk_key, k), (), jnp.uint32)
-  shape = (num_directions,) + like.shape
+  shape = (num_directions, *like.shape)
   index, stride = jnp.zeros(shape, jnp.uint32), 1
   for axis in reversed(range(len(shape))):
     index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
-    stride = stride * shape[axis] % 2 ** 32
+    stride = stride * shape[axis] % 2**32
   x = index * np.uint32(0x9E3779B9) + seed
   x = (x ^ (x >> 16)) * np.uint32(0x7FEB352D)
   x = (x ^ (x >> 15)) * np.uint32(0x846CA68B)
   x = x ^ (x >> 16)
-  v = (x >> 8).astype(wide) * (2.0 ** -23) - 1.0
+  v = (x >> 8).astype(wide) * (2.0**-23) - 1.0
   return _unit(v.astype(dtype))
 
 
-def _measure_leaves(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef: Any,
-                    grads: list[Any], checked: list[int], key: jax.Array,
-                    num_directions: int, eps: list[float], fallback: jax.Array,
-                    f0: jax.Array, wide: Any) -> tuple[_Measured, list[bool]]:
+def _measure_leaves(
+  phi: Callable[[Any], jax.Array],
+  leaves: list[Any],
+  treedef: Any,
+  grads: list[Any],
+  checked: list[int],
+  key: jax.Array,
+  num_directions: int,
+  eps: list[float],
+  fallback: jax.Array,
+  f0: jax.Array,
+  wide: Any,
+) -> tuple[_Measured, list[bool]]:
   """Measures every checked leaf for :func:`check_gradients`, stacked in
   ``checked`` order, and says which had a forward leg.
 
@@ -357,36 +394,50 @@ def _measure_leaves(phi: Callable[[Any], jax.Array], leaves: list[Any], treedef:
   """
   has_forward = [False] * len(checked)
 
-  def body(idx: list[int], leaf_eps: float, k: jax.Array, chunk_key: jax.Array,
-           linear: Callable[..., jax.Array] | None) -> _Measured:
+  def body(
+    idx: list[int],
+    leaf_eps: float,
+    k: jax.Array,
+    chunk_key: jax.Array,
+    linear: Callable[..., jax.Array] | None,
+  ) -> _Measured:
     leaf = _pick(k, [leaves[i] for i in idx])
     dtype = jnp.promote_types(leaf.dtype, wide)
     v = _directions(chunk_key, k, num_directions, leaf, wide, dtype)
     t = _step(leaf, fallback.astype(dtype), dtype, leaf_eps)
     forward = None
     if linear is not None:
-      forward = jax.vmap(lambda d: linear(*[
-          jnp.where(k == j, d.astype(leaf.dtype), jnp.zeros_like(leaves[i]))
-          for j, i in enumerate(idx)]))(v).astype(dtype)
-    f = _finite_differences(_perturbed(phi, leaves, treedef, idx, k), leaf, v, t,
-                            dtype, batched=True)
-    reverse, typical, finite = _gradient_terms(_pick(k, [grads[i] for i in idx]),
-                                               v, dtype)
+      forward = jax.vmap(
+        lambda d: linear(
+          *[
+            jnp.where(k == j, d.astype(leaf.dtype), jnp.zeros_like(leaves[i]))
+            for j, i in enumerate(idx)
+          ]
+        )
+      )(v).astype(dtype)
+    f = _finite_differences(
+      _perturbed(phi, leaves, treedef, idx, k), leaf, v, t, dtype, batched=True
+    )
+    reverse, typical, finite = _gradient_terms(_pick(k, [grads[i] for i in idx]), v, dtype)
     return _Measured(
-        reverse=reverse,
-        forward=jnp.full_like(reverse, jnp.nan) if forward is None else forward,
-        f0=f0.astype(dtype), f=f, step=t, typical=typical, finite=finite)
+      reverse=reverse,
+      forward=jnp.full_like(reverse, jnp.nan) if forward is None else forward,
+      f0=f0.astype(dtype),
+      f=f,
+      step=t,
+      typical=typical,
+      finite=finite,
+    )
 
-  def run(idx: list[int], leaf_eps: float, chunk_key: jax.Array,
-          with_forward: bool) -> _Measured:
+  def run(idx: list[int], leaf_eps: float, chunk_key: jax.Array, with_forward: bool) -> _Measured:
     linear = None
     if with_forward:
       # One linearization per chunk: the forward pass it needs is shared by
       # the members, and only the tangents are computed per member.
-      _, linear = jax.linearize(lambda *ys: phi(_replaced(leaves, treedef, idx, ys)),
-                                *[leaves[i] for i in idx])
-    return jax.lax.map(lambda k: body(idx, leaf_eps, k, chunk_key, linear),
-                       jnp.arange(len(idx)))
+      _, linear = jax.linearize(
+        lambda *ys: phi(_replaced(leaves, treedef, idx, ys)), *[leaves[i] for i in idx]
+      )
+    return jax.lax.map(lambda k: body(idx, leaf_eps, k, chunk_key, linear), jnp.arange(len(idx)))
 
   def run_chunk(members: list[int], idx: list[int], chunk_key: jax.Array) -> _Measured:
     try:
@@ -422,6 +473,7 @@ class GradCheckRow(NamedTuple):
     rtol: the tolerance the error was held to.
     verdict: ``"ok"``, ``"mismatch"``, ``"unreliable"`` or ``"nonfinite"``.
   """
+
   path: str
   size: int
   error: float
@@ -454,6 +506,7 @@ class GradCheckReport:
       outputs' dtype claims: ``fn`` computes in it and casts back), which
       then set the tolerance and the rounding floor; None when not so.
   """
+
   rows: tuple[GradCheckRow, ...]
   precision: str
   num_directions: int
@@ -479,17 +532,40 @@ class GradCheckReport:
 
   def __str__(self) -> str:
     counts = {v: sum(r.verdict == v for r in self.rows) for v in VERDICTS}
-    head = (f"gradient check: {len(self.rows)} leaves, "
-            + ", ".join(f"{counts[v]} {v}" for v in VERDICTS)
-            + f" (precision {self.precision}, "
-            + (f"values rounded to {self.rounded_to}, " if self.rounded_to else "")
-            + f"{self.num_directions} directions)")
-    table = [("leaf", "size", "verdict", "error", "rtol", "reverse", "forward",
-              "finite diff", "fd uncert.")]
+    head = (
+      f"gradient check: {len(self.rows)} leaves, "
+      + ", ".join(f"{counts[v]} {v}" for v in VERDICTS)
+      + f" (precision {self.precision}, "
+      + (f"values rounded to {self.rounded_to}, " if self.rounded_to else "")
+      + f"{self.num_directions} directions)"
+    )
+    table = [
+      (
+        "leaf",
+        "size",
+        "verdict",
+        "error",
+        "rtol",
+        "reverse",
+        "forward",
+        "finite diff",
+        "fd uncert.",
+      )
+    ]
     for r in self._sorted():
-      table.append((r.path or "<root>", str(r.size), r.verdict, f"{r.error:.2e}",
-                    f"{r.rtol:.1e}", _fmt(r.reverse), _fmt(r.forward),
-                    _fmt(r.finite_difference), f"{r.uncertainty:.1e}"))
+      table.append(
+        (
+          r.path or "<root>",
+          str(r.size),
+          r.verdict,
+          f"{r.error:.2e}",
+          f"{r.rtol:.1e}",
+          _fmt(r.reverse),
+          _fmt(r.forward),
+          _fmt(r.finite_difference),
+          f"{r.uncertainty:.1e}",
+        )
+      )
     widths = [max(len(row[k]) for row in table) for k in range(len(table[0]))]
     lines = [head]
     for n, row in enumerate(table):
@@ -505,10 +581,11 @@ class GradCheckReport:
     lines = [f"{len(self.failures)} of {len(self.rows)} leaves have a wrong gradient:"]
     for r in self.failures:
       lines.append(
-          f"  {r.path or '<root>'} ({r.verdict}): relative error {r.error:.3e} > "
-          f"rtol {r.rtol:.1e}; reverse {_fmt(r.reverse)}, forward {_fmt(r.forward)},"
-          f" finite difference {_fmt(r.finite_difference)}"
-          f" (uncertainty {r.uncertainty:.1e})")
+        f"  {r.path or '<root>'} ({r.verdict}): relative error {r.error:.3e} > "
+        f"rtol {r.rtol:.1e}; reverse {_fmt(r.reverse)}, forward {_fmt(r.forward)},"
+        f" finite difference {_fmt(r.finite_difference)}"
+        f" (uncertainty {r.uncertainty:.1e})"
+      )
     lines += ["", str(self)]
     raise GradientCheckError("\n".join(lines))
 
@@ -524,8 +601,9 @@ def _is_static(x: Any) -> bool:
   return not isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def _projected(call: Callable[[Any], Any], cotangents: list[jax.Array] | None,
-               dtype: Any) -> Callable[[Any], jax.Array]:
+def _projected(
+  call: Callable[[Any], Any], cotangents: list[jax.Array] | None, dtype: Any
+) -> Callable[[Any], jax.Array]:
   """``x -> <u, call(x)>`` for random cotangents ``u``; ``call`` in ``dtype``
   when the output is a scalar (``cotangents`` None)."""
   if cotangents is None:
@@ -533,7 +611,8 @@ def _projected(call: Callable[[Any], Any], cotangents: list[jax.Array] | None,
 
   def phi(y: Any) -> jax.Array:
     outs = _tree.float_leaves(call(y))
-    return sum(jnp.sum(u * o.astype(u.dtype)) for u, o in zip(cotangents, outs))
+    return _tree.add_up([jnp.sum(u * o.astype(u.dtype)) for u, o in zip(cotangents, outs)])
+
   return phi
 
 
@@ -547,17 +626,25 @@ _PROBE = 1.0 / 3000.0
 
 def _representable(values: list[jax.Array], dtype: Any) -> jax.Array:
   """True when every finite value is exactly a ``dtype`` number."""
-  same = [jnp.all(~jnp.isfinite(v) | (v.astype(dtype).astype(v.dtype) == v))
-          for v in values]
+  same = [jnp.all(~jnp.isfinite(v) | (v.astype(dtype).astype(v.dtype) == v)) for v in values]
   return jnp.all(jnp.stack(same))
 
 
-@jax.jit(static_argnames=("fn", "argnums", "num_directions", "precision",
-                          "rtol", "spec", "rounded_to"))
-def _check(dynamic: list[jax.Array], key: jax.Array, *, fn: Callable[..., Any],
-           argnums: int, num_directions: int, precision: str,
-           rtol: float | None, spec: tuple[Any, ...],
-           rounded_to: str | None = None) -> dict[str, jax.Array]:
+@jax.jit(
+  static_argnames=("fn", "argnums", "num_directions", "precision", "rtol", "spec", "rounded_to")
+)
+def _check(
+  dynamic: list[jax.Array],
+  key: jax.Array,
+  *,
+  fn: Callable[..., Any],
+  argnums: int,
+  num_directions: int,
+  precision: str,
+  rtol: float | None,
+  spec: tuple[Any, ...],
+  rounded_to: str | None = None,
+) -> dict[str, jax.Array]:
   """The whole check as one compiled function of the arrays and the key.
 
   ``rounded_to`` names a dtype the function's values were found rounded to
@@ -570,18 +657,20 @@ def _check(dynamic: list[jax.Array], key: jax.Array, *, fn: Callable[..., Any],
   flat = list(static)
   for pos, value in zip(positions, dynamic):
     flat[pos] = value
-  args = list(treedef.unflatten(flat))
+  args = list(jax.tree.unflatten(treedef, flat))
   wide = jnp.float64 if precision == "float64" else FLOAT32
 
   def eval_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, wide)
 
-  args = [_tree.map_float(lambda a: a.astype(eval_dtype(a.dtype)), a)
-          if precision == "float64" else a for a in args]
+  args = [
+    _tree.map_float(lambda a: a.astype(eval_dtype(a.dtype)), a) if precision == "float64" else a
+    for a in args
+  ]
   x = args[argnums]
 
   def call(y: Any) -> Any:
-    return fn(*args[:argnums], y, *args[argnums + 1:])
+    return fn(*args[:argnums], y, *args[argnums + 1 :])
 
   out = jax.eval_shape(call, x)
   out_leaves = _tree.float_leaves(out)
@@ -594,12 +683,12 @@ def _check(dynamic: list[jax.Array], key: jax.Array, *, fn: Callable[..., Any],
   checked = [i for i, leaf in enumerate(leaves) if _tree.is_float(leaf) and leaf.size]
   out_shapes = [] if scalar else [o.shape for o in out_leaves]
   out_key, dir_key = jax.random.split(key)
-  cotangents = [u.astype(eval_dtype(o.dtype))
-                for u, o in zip(_draw(out_key, out_shapes, wide), out_leaves)]
-  phi = _projected(call, None if scalar else cotangents,
-                   eval_dtype(out_leaves[0].dtype))
+  cotangents = [
+    u.astype(eval_dtype(o.dtype)) for u, o in zip(_draw(out_key, out_shapes, wide), out_leaves)
+  ]
+  phi = _projected(call, None if scalar else cotangents, eval_dtype(out_leaves[0].dtype))
   f0, grads = jax.value_and_grad(phi, allow_int=True)(x)
-  grads = treedef_x.flatten_up_to(grads)
+  grads = _tree.flatten_up_to(treedef_x, grads)
   fallback = _rms([leaves[i] for i in checked], wide)
 
   if not checked:
@@ -611,34 +700,40 @@ def _check(dynamic: list[jax.Array], key: jax.Array, *, fn: Callable[..., Any],
   # scale on which the function varies (sin at 1000 with a step of 41).
   rounding = _eps(rounded_to) if rounded_to else 0.0
   rtols = [_default_rtol(max(e, rounding)) if rtol is None else rtol for e in eps]
-  value_eps = [max(out_eps, rounding, _eps(eval_dtype(leaves[i].dtype)))
-               for i in checked]
-  m, has_forward = _measure_leaves(phi, leaves, treedef_x, grads, checked, dir_key,
-                                   num_directions, eps, fallback, f0, wide)
-  check = _judge(m, jnp.asarray(has_forward), jnp.asarray(rtols, wide),
-                 jnp.asarray(value_eps, wide))
+  value_eps = [max(out_eps, rounding, _eps(eval_dtype(leaves[i].dtype))) for i in checked]
+  m, has_forward = _measure_leaves(
+    phi, leaves, treedef_x, grads, checked, dir_key, num_directions, eps, fallback, f0, wide
+  )
+  check = _judge(
+    m, jnp.asarray(has_forward), jnp.asarray(rtols, wide), jnp.asarray(value_eps, wide)
+  )
   # Is every value a number of a coarser dtype? The outputs at x and at a
   # point off every dyadic grid, and for a scalar output the check's values
   # (a projected output mixes in the float64 cotangent).
   probe = _tree.map_float(
-      lambda a: (a * (1 + _PROBE) + _PROBE * fallback.astype(a.dtype)).astype(a.dtype), x)
+    lambda a: (a * (1 + _PROBE) + _PROBE * fallback.astype(a.dtype)).astype(a.dtype), x
+  )
   values = _tree.float_leaves(call(x)) + _tree.float_leaves(call(probe))
   if scalar:
     values += [f0, m.f]
   rounded = jnp.stack([_representable(values, d) for d in _ROUNDINGS])
-  return {**check._asdict(), "has_forward": jnp.asarray(has_forward),
-          "rtol": jnp.asarray(rtols, wide), "rounded": rounded,
-          "value_eps": jnp.asarray(value_eps, wide)}
+  return {
+    **check._asdict(),
+    "has_forward": jnp.asarray(has_forward),
+    "rtol": jnp.asarray(rtols, wide),
+    "rounded": rounded,
+    "value_eps": jnp.asarray(value_eps, wide),
+  }
 
 
 def check_gradients(
-    fn: Callable[..., Any],
-    *args: Any,
-    argnums: int = 0,
-    key: jax.Array | None = None,
-    num_directions: int = 2,
-    precision: str = "float64",
-    rtol: float | None = None,
+  fn: Callable[..., Any],
+  *args: Any,
+  argnums: int = 0,
+  key: jax.Array | None = None,
+  num_directions: int = 2,
+  precision: str = "float64",
+  rtol: float | None = None,
 ) -> GradCheckReport:
   """Checks the gradient of ``fn`` with respect to ``args[argnums]``, leaf by leaf.
 
@@ -715,48 +810,58 @@ def check_gradients(
     Richardson, "The deferred approach to the limit" (1927).
     JAX issues 641 and 7742 on fixed steps in ``jax.test_util.check_grads``.
   """
-  if isinstance(argnums, bool) or not isinstance(argnums, int) or not (
-      0 <= argnums < len(args)):
+  if isinstance(argnums, bool) or not isinstance(argnums, int) or not (0 <= argnums < len(args)):
     raise ValueError(
-        f"argnums must be an integer in [0, {len(args) - 1}] (the index of the "
-        f"checked argument among {len(args)}), got {argnums!r}.")
+      f"argnums must be an integer in [0, {len(args) - 1}] (the index of the "
+      f"checked argument among {len(args)}), got {argnums!r}."
+    )
   _tree.check_int("num_directions", num_directions, low=1)
   if precision not in ("float64", "input"):
-    raise ValueError(
-        f'precision must be "float64" or "input", got {precision!r}.')
-  _tree.check_number("rtol", rtol, low=0.0, low_open=True)
+    raise ValueError(f'precision must be "float64" or "input", got {precision!r}.')
+  _tree.check_number("rtol", rtol, low=0.0, low_open=True, optional=True)
   key = jax.random.key(0) if key is None else key
   flat, treedef = jax.tree.flatten(list(args))
   positions = tuple(i for i, leaf in enumerate(flat) if not _is_static(leaf))
   static = tuple(None if i in positions else leaf for i, leaf in enumerate(flat))
   checked = [
-      (_leaf_path(path), int(leaf.size))
-      for path, leaf in jax.tree_util.tree_flatten_with_path(args[argnums])[0]
-      if _tree.is_float(leaf) and leaf.size]
-  settings = dict(fn=fn, argnums=argnums, num_directions=int(num_directions),
-                  precision=precision, rtol=None if rtol is None else float(rtol),
-                  spec=(treedef, static, positions))
+    (_leaf_path(path), int(leaf.size))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(args[argnums])[0]
+    if _tree.is_float(leaf) and leaf.size
+  ]
+  settings = dict(
+    fn=fn,
+    argnums=argnums,
+    num_directions=int(num_directions),
+    precision=precision,
+    rtol=None if rtol is None else float(rtol),
+    spec=(treedef, static, positions),
+  )
   dynamic = [flat[i] for i in positions]
   # Only switches x64 on for the check: `enable_x64(False)` would switch off
   # a caller's x64.
-  scope = (jax.enable_x64(True) if precision == "float64"
-           else contextlib.nullcontext())
+  scope = jax.enable_x64(True) if precision == "float64" else contextlib.nullcontext()
   with scope:
     results = jax.device_get(_check(dynamic, key, **settings))
     rounded_to = _found_rounding(results)
     if rounded_to is not None:
       results = jax.device_get(_check(dynamic, key, rounded_to=rounded_to, **settings))
   rows = tuple(
-      GradCheckRow(
-          path=path, size=size, error=float(results["error"][n]),
-          reverse=float(results["reverse"][n]),
-          forward=float(results["forward"][n]) if results["has_forward"][n] else None,
-          finite_difference=float(results["finite_difference"][n]),
-          uncertainty=float(results["uncertainty"][n]), rtol=float(results["rtol"][n]),
-          verdict=VERDICTS[int(results["verdict"][n])])
-      for n, (path, size) in enumerate(checked))
-  return GradCheckReport(rows=rows, precision=precision,
-                         num_directions=int(num_directions), rounded_to=rounded_to)
+    GradCheckRow(
+      path=path,
+      size=size,
+      error=float(results["error"][n]),
+      reverse=float(results["reverse"][n]),
+      forward=float(results["forward"][n]) if results["has_forward"][n] else None,
+      finite_difference=float(results["finite_difference"][n]),
+      uncertainty=float(results["uncertainty"][n]),
+      rtol=float(results["rtol"][n]),
+      verdict=VERDICTS[int(results["verdict"][n])],
+    )
+    for n, (path, size) in enumerate(checked)
+  )
+  return GradCheckReport(
+    rows=rows, precision=precision, num_directions=int(num_directions), rounded_to=rounded_to
+  )
 
 
 def _found_rounding(results: dict[str, Any]) -> str | None:
@@ -772,11 +877,19 @@ def _found_rounding(results: dict[str, Any]) -> str | None:
 # ------------------------------------------------------------- gradient_check
 
 
-def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
-                   leaves: list[Any], treedef: Any, checked: list[int],
-                   value_fn: Callable[[Any], jax.Array], base_key: jax.Array,
-                   count: jax.Array, num_directions: int,
-                   rtol: float | None) -> tuple[jax.Array, Any]:
+def _check_in_step(
+  checking: jax.Array,
+  updates: Any,
+  grads: list[Any],
+  leaves: list[Any],
+  treedef: Any,
+  checked: list[int],
+  value_fn: Callable[[Any], jax.Array],
+  base_key: jax.Array,
+  count: jax.Array,
+  num_directions: int,
+  rtol: float | None,
+) -> tuple[jax.Array, Any]:
   """:func:`gradient_check`'s comparison, under two ``lax.cond`` on ``checking``.
 
   Returns ``[worst reliable error, its leaf index, worst severity]`` (zeros
@@ -807,17 +920,17 @@ def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
   # look wrong. The dtype of the loss there, at least float16, and float32
   # set the steps; the params' and gradients' own dtypes set the tolerance,
   # since the gradient was computed and rounded in them.
-  wide_leaves = [x.astype(jnp.promote_types(x.dtype, FLOAT32)) if _tree.is_float(x)
-                 else x for x in leaves]
-  loss = jax.eval_shape(value_fn, treedef.unflatten(wide_leaves))
+  wide_leaves = [
+    x.astype(jnp.promote_types(x.dtype, FLOAT32)) if _tree.is_float(x) else x for x in leaves
+  ]
+  loss = jax.eval_shape(value_fn, jax.tree.unflatten(treedef, wide_leaves))
   out_eps = _eps(jnp.promote_types(loss.dtype, jnp.float16))
   step_eps = [max(_eps(wide_leaves[i].dtype), out_eps) for i in checked]
-  grad_eps = [max(_eps(leaves[i].dtype), _eps(grads[i].dtype), e)
-              for i, e in zip(checked, step_eps)]
-  rtols = jnp.asarray([_default_rtol(e) if rtol is None else rtol for e in grad_eps],
-                      FLOAT32)
-  value_eps = jnp.asarray(
-      [max(out_eps, _eps(wide_leaves[i].dtype)) for i in checked], FLOAT32)
+  grad_eps = [
+    max(_eps(leaves[i].dtype), _eps(grads[i].dtype), e) for i, e in zip(checked, step_eps)
+  ]
+  rtols = jnp.asarray([_default_rtol(e) if rtol is None else rtol for e in grad_eps], FLOAT32)
+  value_eps = jnp.asarray([max(out_eps, _eps(wide_leaves[i].dtype)) for i in checked], FLOAT32)
 
   # A gradient computed in bfloat16 or float16 carries its own rounding (a
   # bias's sum over the batch cancels: seen 60% off the float32 gradient in
@@ -831,11 +944,11 @@ def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
     fallback = _rms([wide_leaves[i] for i in checked], FLOAT32)
     if narrow:
       grad_fn = jax.value_and_grad(value_fn, allow_int=True)
-      f0, wide_grads = grad_fn(treedef.unflatten(wide_leaves))
-      own_grads = treedef.flatten_up_to(grad_fn(treedef.unflatten(leaves))[1])
-      wide_grads = treedef.flatten_up_to(wide_grads)
+      f0, wide_grads = grad_fn(jax.tree.unflatten(treedef, wide_leaves))
+      own_grads = _tree.flatten_up_to(treedef, grad_fn(jax.tree.unflatten(treedef, leaves))[1])
+      wide_grads = _tree.flatten_up_to(treedef, wide_grads)
     else:
-      f0 = value_fn(treedef.unflatten(wide_leaves))
+      f0 = value_fn(jax.tree.unflatten(treedef, wide_leaves))
 
     def run_chunk(members: list[int], idx: list[int], chunk_key: jax.Array) -> Any:
       def member(k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -843,24 +956,32 @@ def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
         dtype = leaf.dtype
         v = _directions(chunk_key, k, num_directions, leaf, FLOAT32, dtype)
         t = _step(leaf, fallback.astype(dtype), dtype, step_eps[members[0]])
-        f = _finite_differences(_perturbed(value_fn, wide_leaves, treedef, idx, k),
-                                leaf, v, t, dtype, batched=False)
+        f = _finite_differences(
+          _perturbed(value_fn, wide_leaves, treedef, idx, k), leaf, v, t, dtype, batched=False
+        )
         rounding = jnp.zeros(num_directions, dtype)
         if narrow:
-          own, wide = (_gradient_terms(_pick(k, [g[i] for i in idx]), v, dtype)[0]
-                       for g in (own_grads, wide_grads))
+          own, wide = (
+            _gradient_terms(_pick(k, [g[i] for i in idx]), v, dtype)[0]
+            for g in (own_grads, wide_grads)
+          )
           rounding = jnp.abs(own - wide)
         return f, t, rounding
+
       return jax.lax.map(member, jnp.arange(len(idx)))
 
-    f, t, rounding = _over_chunks(chunks, checked, jax.random.fold_in(base_key, count),
-                                  run_chunk, FLOAT32)
+    f, t, rounding = _over_chunks(
+      chunks, checked, jax.random.fold_in(base_key, count), run_chunk, FLOAT32
+    )
     return f, t, f0.astype(FLOAT32), rounding
 
   def no_values() -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    return (jnp.zeros((len(checked), num_directions, len(_OFFSETS)), FLOAT32),
-            jnp.zeros(len(checked), FLOAT32), jnp.zeros((), FLOAT32),
-            jnp.zeros((len(checked), num_directions), FLOAT32))
+    return (
+      jnp.zeros((len(checked), num_directions, len(_OFFSETS)), FLOAT32),
+      jnp.zeros(len(checked), FLOAT32),
+      jnp.zeros((), FLOAT32),
+      jnp.zeros((len(checked), num_directions), FLOAT32),
+    )
 
   f, t, f0, rounding = jax.lax.cond(checking, evaluate, no_values)
   # Steps are norms, never negative (zero when not checking, NaN compares
@@ -868,8 +989,8 @@ def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
   # cannot know that, runs the first half before the updates are used.
   never = t[0] < 0
   updates = jax.tree.map(
-      lambda u: jnp.where(never, jnp.zeros_like(u), u) if _tree.is_float(u) else u,
-      updates)
+    lambda u: jnp.where(never, jnp.zeros_like(u), u) if _tree.is_float(u) else u, updates
+  )
 
   def compare() -> jax.Array:
     def run_chunk(members: list[int], idx: list[int], chunk_key: jax.Array) -> Any:
@@ -879,22 +1000,32 @@ def _check_in_step(checking: jax.Array, updates: Any, grads: list[Any],
       def member(k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         v = _directions(chunk_key, k, num_directions, leaves[idx[0]], FLOAT32, dtype)
         return _gradient_terms(_pick(k, [grads[i] for i in idx]), v, dtype)
+
       return jax.lax.map(member, jnp.arange(len(idx)))
 
     reverse, typical, finite = _over_chunks(
-        chunks, checked, jax.random.fold_in(base_key, count), run_chunk, FLOAT32)
-    m = _Measured(reverse=reverse, forward=jnp.full_like(reverse, jnp.nan),
-                  f0=jnp.broadcast_to(f0, t.shape), f=f, step=t, typical=typical,
-                  finite=finite)
-    result = _judge(m, jnp.zeros(len(checked), jnp.bool_), rtols, value_eps,
-                    jnp.max(rounding, axis=1))
+      chunks, checked, jax.random.fold_in(base_key, count), run_chunk, FLOAT32
+    )
+    m = _Measured(
+      reverse=reverse,
+      forward=jnp.full_like(reverse, jnp.nan),
+      f0=jnp.broadcast_to(f0, t.shape),
+      f=f,
+      step=t,
+      typical=typical,
+      finite=finite,
+    )
+    result = _judge(
+      m, jnp.zeros(len(checked), jnp.bool_), rtols, value_eps, jnp.max(rounding, axis=1)
+    )
     # Errors of unreliable leaves say nothing about the gradient.
     errors = jnp.where(result.verdict != _UNRELIABLE, result.error, 0.0).astype(FLOAT32)
     worst = jnp.argmax(errors)
     # Severity order: ok < unreliable < mismatch < nonfinite.
     severity = jnp.asarray([0, 2, 1, 3], jnp.int32)[result.verdict]
-    return jnp.stack([errors[worst], jnp.asarray(checked, FLOAT32)[worst],
-                      jnp.max(severity).astype(FLOAT32)])
+    return jnp.stack(
+      [errors[worst], jnp.asarray(checked, FLOAT32)[worst], jnp.max(severity).astype(FLOAT32)]
+    )
 
   return jax.lax.cond(checking, compare, _no_check_result), updates
 
@@ -905,8 +1036,8 @@ def _no_check_result() -> jax.Array:
 
 
 @_stats.register_state(
-    "gradient_check",
-    fields=("steps_checked", "failures", "unreliable", "worst_error", "worst_leaf"))
+  "gradient_check", fields=("steps_checked", "failures", "unreliable", "worst_error", "worst_leaf")
+)
 class GradientCheckState(NamedTuple):
   """State of :func:`gradient_check`.
 
@@ -926,7 +1057,8 @@ class GradientCheckState(NamedTuple):
     worst_leaf: int32 index, in ``jax.tree.leaves(params)`` order, of the leaf
       with ``worst_error`` (-1 before any check).
   """
-  count: jax.Array
+
+  count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
   steps_checked: jax.Array
   failures: jax.Array
   unreliable: jax.Array
@@ -935,10 +1067,10 @@ class GradientCheckState(NamedTuple):
 
 
 def gradient_check(
-    every_k: int = 100,
-    num_directions: int = 1,
-    key: jax.Array | None = None,
-    rtol: float | None = None,
+  every_k: int = 100,
+  num_directions: int = 1,
+  key: jax.Array | None = None,
+  rtol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Checks the training gradient against finite differences every ``every_k`` steps.
 
@@ -1004,10 +1136,11 @@ def gradient_check(
   _tree.check_int("every_k", every_k, low=1)
   if isinstance(num_directions, jax.core.Tracer):
     raise ValueError(
-        "num_directions sets a shape: keep it static, e.g. "
-        "optax.inject_hyperparams(gradient_check, static_args=('num_directions',)).")
+      "num_directions sets a shape: keep it static, e.g. "
+      "optax.inject_hyperparams(gradient_check, static_args=('num_directions',))."
+    )
   _tree.check_int("num_directions", num_directions, low=1)
-  _tree.check_number("rtol", rtol, low=0.0, low_open=True)
+  _tree.check_number("rtol", rtol, low=0.0, low_open=True, optional=True)
   base_key = jax.random.PRNGKey(0) if key is None else key
 
   def init_fn(params: Any) -> GradientCheckState:
@@ -1015,37 +1148,62 @@ def gradient_check(
     # One array per field: fields sharing a buffer cannot be donated.
     zero = lambda: jnp.zeros((), jnp.int32)
     return GradientCheckState(
-        count=zero(), steps_checked=zero(), failures=zero(), unreliable=zero(),
-        worst_error=jnp.zeros((), FLOAT32), worst_leaf=jnp.full((), -1, jnp.int32))
+      count=zero(),
+      steps_checked=zero(),
+      failures=zero(),
+      unreliable=zero(),
+      worst_error=jnp.zeros((), FLOAT32),
+      worst_leaf=jnp.full((), -1, jnp.int32),
+    )
 
-  def update_fn(updates: Any, state: GradientCheckState, params: Any = None, *,
-                value_fn: Callable[[Any], jax.Array] | None = None,
-                **extra_args: Any) -> tuple[Any, GradientCheckState]:
+  def update_fn(
+    updates: Any,
+    state: GradientCheckState,
+    params: Any = None,
+    *,
+    value_fn: Callable[[Any], jax.Array] | None = None,
+    **extra_args: Any,
+  ) -> tuple[Any, GradientCheckState]:
     del extra_args
     _tree.require_params("gradient_check", params)
     if value_fn is None:
       raise ValueError(
-          "gradient_check needs the loss: call update(grads, state, params, "
-          "value_fn=lambda p: loss(p, batch)).")
+        "gradient_check needs the loss: call update(grads, state, params, "
+        "value_fn=lambda p: loss(p, batch))."
+      )
     checking = state.count % every_k == 0
     leaves, treedef = jax.tree.flatten(params)
-    grad_leaves = treedef.flatten_up_to(updates)
-    checked = [i for i, leaf in enumerate(leaves)
-               if _tree.is_float(leaf) and leaf.size and _tree.is_float(grad_leaves[i])]
+    grad_leaves = _tree.flatten_up_to(treedef, updates)
+    checked = [
+      i
+      for i, leaf in enumerate(leaves)
+      if _tree.is_float(leaf) and leaf.size and _tree.is_float(grad_leaves[i])
+    ]
     if checked:
       result, updates = _check_in_step(
-          checking, updates, grad_leaves, leaves, treedef, checked, value_fn,
-          base_key, state.count, int(num_directions), rtol)
+        checking,
+        updates,
+        grad_leaves,
+        leaves,
+        treedef,
+        checked,
+        value_fn,
+        base_key,
+        state.count,
+        int(num_directions),
+        rtol,
+      )
     else:
       result = _no_check_result()
     error, leaf, severity = result[0], result[1].astype(jnp.int32), result[2]
     new_worst = error > state.worst_error
     return updates, GradientCheckState(
-        count=_tree.cycle_count(state.count, every_k),
-        steps_checked=_tree.count_if(state.steps_checked, checking),
-        failures=_tree.count_if(state.failures, severity >= 2),
-        unreliable=_tree.count_if(state.unreliable, severity == 1),
-        worst_error=jnp.where(new_worst, error, state.worst_error),
-        worst_leaf=jnp.where(new_worst, leaf, state.worst_leaf))
+      count=_tree.cycle_count(state.count, every_k),
+      steps_checked=_tree.count_if(state.steps_checked, checking),
+      failures=_tree.count_if(state.failures, severity >= 2),
+      unreliable=_tree.count_if(state.unreliable, severity == 1),
+      worst_error=jnp.where(new_worst, error, state.worst_error),
+      worst_leaf=jnp.where(new_worst, leaf, state.worst_leaf),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _stats
-from gradcal_jax import _norms
-from gradcal_jax import _tree
+from gradcal_jax import _norms, _stats, _tree
 
 FLOAT32 = jnp.float32
 
-Axes = Union[int, tuple[int, ...], None]
-UnitAxes = Union[Any, Callable[[tuple[Any, ...], jax.Array], Axes], None]
+Axes = int | tuple[int, ...] | None
+UnitAxes = Any | Callable[[tuple[Any, ...], jax.Array], Axes] | None
 
 
 def _fraction(count: jax.Array, total: int) -> jax.Array:
@@ -34,7 +32,7 @@ def _fraction(count: jax.Array, total: int) -> jax.Array:
 
 
 def _sum(values: list[jax.Array], dtype: Any) -> jax.Array:
-  return sum(values) if values else jnp.zeros((), dtype)
+  return _tree.add_up(values) if values else jnp.zeros((), dtype)
 
 
 # ----------------------------------------------------------------- by value
@@ -50,6 +48,7 @@ class ClipByValueState(NamedTuple):
       ``|g| > max_abs`` at the last update (0 at ``init``); an ``inf`` entry
       counts, a ``nan`` entry makes it ``nan``.
   """
+
   norm: jax.Array
   clipped_fraction: jax.Array
 
@@ -68,8 +67,9 @@ def _count_above(x: jax.Array, bound: jax.Array) -> jax.Array:
   return jnp.sum(jnp.sign(excess))
 
 
-def clip_by_value(max_abs: float, *, axis_name: Any = None,
-                  partition: Any = None) -> optax.GradientTransformation:
+def clip_by_value(
+  max_abs: float, *, axis_name: Any = None, partition: Any = None
+) -> optax.GradientTransformation:
   """Clamps every entry of the gradient to ``[-max_abs, max_abs]``.
 
   .. math::
@@ -111,8 +111,7 @@ def clip_by_value(max_abs: float, *, axis_name: Any = None,
 
   def init_fn(params: Any) -> ClipByValueState:
     del params
-    return ClipByValueState(
-        norm=jnp.zeros((), FLOAT32), clipped_fraction=jnp.zeros((), FLOAT32))
+    return ClipByValueState(norm=jnp.zeros((), FLOAT32), clipped_fraction=jnp.zeros((), FLOAT32))
 
   def update_fn(updates, state, params=None):
     del state, params
@@ -120,16 +119,19 @@ def clip_by_value(max_abs: float, *, axis_name: Any = None,
 
     def clamp(x):
       x32 = x.astype(FLOAT32)
-      clamped = jnp.where(
-          jnp.isfinite(x32), jnp.clip(x32, -bound, bound), x32)
+      clamped = jnp.where(jnp.isfinite(x32), jnp.clip(x32, -bound, bound), x32)
       return clamped.astype(x.dtype)
 
     counts = [_count_above(x, bound) for x in _tree.float_leaves(updates)]
-    count = _sum(counts, FLOAT32) if col is None else _tree.sum_over_leaves(
-        col, counts, _tree.leaf_splits(col, updates, floats_only=True))
+    count = (
+      _sum(counts, FLOAT32)
+      if col is None
+      else _tree.sum_over_leaves(col, counts, _tree.leaf_splits(col, updates, floats_only=True))
+    )
     new_state = ClipByValueState(
-        norm=_norms.global_norm(updates, col),
-        clipped_fraction=_fraction(count, _tree.size(updates, col)))
+      norm=_norms.global_norm(updates, col),
+      clipped_fraction=_fraction(count, _tree.size(updates, col)),
+    )
     return _tree.map_float(clamp, updates), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -148,12 +150,14 @@ class ClipByGlobalNormState(NamedTuple):
     scale: float32 factor applied to the gradient, in ``[0, 1]`` (1 at
       ``init``, and 1 when the norm is not finite).
   """
+
   norm: jax.Array
   scale: jax.Array
 
 
-def clip_by_global_norm(max_norm: float, *, axis_name: Any = None,
-                        partition: Any = None) -> optax.GradientTransformation:
+def clip_by_global_norm(
+  max_norm: float, *, axis_name: Any = None, partition: Any = None
+) -> optax.GradientTransformation:
   """Rescales the gradient so that its global L2 norm is at most ``max_norm``.
 
   .. math::
@@ -199,15 +203,13 @@ def clip_by_global_norm(max_norm: float, *, axis_name: Any = None,
 
   def init_fn(params: Any) -> ClipByGlobalNormState:
     del params
-    return ClipByGlobalNormState(
-        norm=jnp.zeros((), FLOAT32), scale=jnp.ones((), FLOAT32))
+    return ClipByGlobalNormState(norm=jnp.zeros((), FLOAT32), scale=jnp.ones((), FLOAT32))
 
   def update_fn(updates, state, params=None):
     del state, params
     norm = _norms.global_norm(updates, col)
     scale = _tree.clip_scale(norm, max_norm)
-    return (_tree.scale_tree(updates, scale),
-            ClipByGlobalNormState(norm=norm, scale=scale))
+    return (_tree.scale_tree(updates, scale), ClipByGlobalNormState(norm=norm, scale=scale))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -229,12 +231,14 @@ class ClipByLayerNormState(NamedTuple):
     scale: the float32 factor applied to each leaf, in ``[0, 1]``; 1 for a
       leaf whose norm is not finite.
   """
+
   norm: Any
   scale: Any
 
 
-def clip_by_layer_norm(max_norm: float, *, axis_name: Any = None,
-                       partition: Any = None) -> optax.GradientTransformation:
+def clip_by_layer_norm(
+  max_norm: float, *, axis_name: Any = None, partition: Any = None
+) -> optax.GradientTransformation:
   """Rescales each leaf of the gradient so that its L2 norm is at most ``max_norm``.
 
   .. math::
@@ -276,8 +280,9 @@ def clip_by_layer_norm(max_norm: float, *, axis_name: Any = None,
 
   def init_fn(params: Any) -> ClipByLayerNormState:
     return ClipByLayerNormState(
-        norm=jax.tree.map(lambda _: jnp.zeros((), FLOAT32), params),
-        scale=jax.tree.map(lambda _: jnp.ones((), FLOAT32), params))
+      norm=jax.tree.map(lambda _: jnp.zeros((), FLOAT32), params),
+      scale=jax.tree.map(lambda _: jnp.ones((), FLOAT32), params),
+    )
 
   def update_fn(updates, state, params=None):
     del state, params
@@ -292,8 +297,7 @@ def clip_by_layer_norm(max_norm: float, *, axis_name: Any = None,
 # --------------------------------------------------------------------- AGC
 
 
-@_stats.register_state(
-    "adaptive_grad_clip", fields=("clipped_fraction", "max_ratio"))
+@_stats.register_state("adaptive_grad_clip", fields=("clipped_fraction", "max_ratio"))
 class AdaptiveGradClipState(NamedTuple):
   """State of :func:`adaptive_grad_clip`.
 
@@ -305,13 +309,17 @@ class AdaptiveGradClipState(NamedTuple):
       when any unit's ratio is (a NaN in the gradient or the params), on
       every topology.
   """
+
   clipped_fraction: jax.Array
   max_ratio: jax.Array
 
 
 def _is_axes(x: Any) -> bool:
-  return x is None or isinstance(x, int) or (
-      isinstance(x, (tuple, list)) and all(isinstance(a, int) for a in x))
+  return (
+    x is None
+    or isinstance(x, int)
+    or (isinstance(x, (tuple, list)) and all(isinstance(a, int) for a in x))
+  )
 
 
 def _reduce_axes(axes: Axes, ndim: int, where: str) -> tuple[int, ...]:
@@ -322,8 +330,9 @@ def _reduce_axes(axes: Axes, ndim: int, where: str) -> tuple[int, ...]:
     axes = (axes,)
   if not _is_axes(axes) or any(not -ndim <= a < ndim for a in axes):
     raise ValueError(
-        f"unit_axes for {where} must be None or a tuple of axes in "
-        f"[-{ndim}, {ndim}) for a leaf of rank {ndim}, got {axes!r}.")
+      f"unit_axes for {where} must be None or a tuple of axes in "
+      f"[-{ndim}, {ndim}) for a leaf of rank {ndim}, got {axes!r}."
+    )
   return tuple(sorted({a % ndim for a in axes}))
 
 
@@ -337,9 +346,10 @@ def _axes_getter(unit_axes: UnitAxes) -> Callable[[tuple[Any, ...], jax.Array], 
   bad = [(p, a) for p, a in flat if not _is_axes(a)]
   if bad:
     raise ValueError(
-        "unit_axes must be None, a callable (path, leaf) -> axes, or a pytree "
-        "like the params whose leaves are None or tuples of ints; got "
-        f"{bad[0][1]!r} at {_stats.path_str(bad[0][0])!r}.")
+      "unit_axes must be None, a callable (path, leaf) -> axes, or a pytree "
+      "like the params whose leaves are None or tuples of ints; got "
+      f"{bad[0][1]!r} at {_stats.path_str(bad[0][0])!r}."
+    )
   table = {_stats.path_str(p): a for p, a in flat}
 
   def lookup(path, leaf):
@@ -347,20 +357,21 @@ def _axes_getter(unit_axes: UnitAxes) -> Callable[[tuple[Any, ...], jax.Array], 
     key = _stats.path_str(path)
     if key not in table:
       raise ValueError(
-          f"unit_axes has no entry for the parameter {key!r}; give it None "
-          "for the default (every axis but the last).")
+        f"unit_axes has no entry for the parameter {key!r}; give it None "
+        "for the default (every axis but the last)."
+      )
     return table[key]
 
   return lookup
 
 
 def adaptive_grad_clip(
-    clipping: float = 0.01,
-    eps: float = 1e-3,
-    unit_axes: UnitAxes = None,
-    *,
-    axis_name: Any = None,
-    partition: Any = None,
+  clipping: float = 0.01,
+  eps: float = 1e-3,
+  unit_axes: UnitAxes = None,
+  *,
+  axis_name: Any = None,
+  partition: Any = None,
 ) -> optax.GradientTransformation:
   """Unit-wise adaptive gradient clipping (AGC), for Flax's kernel layout.
 
@@ -423,21 +434,22 @@ def adaptive_grad_clip(
   get_axes = _axes_getter(unit_axes)
   col = _tree.collective("adaptive_grad_clip", axis_name, partition)
   if col is not None and partition is None:
-    raise ValueError("adaptive_grad_clip with axis_name= needs partition= (the "
-                     "gradient's PartitionSpecs), got partition=None.")
+    raise ValueError(
+      "adaptive_grad_clip with axis_name= needs partition= (the "
+      "gradient's PartitionSpecs), got partition=None."
+    )
 
   def init_fn(params: Any) -> AdaptiveGradClipState:
     del params
     return AdaptiveGradClipState(
-        clipped_fraction=jnp.zeros((), FLOAT32),
-        max_ratio=jnp.zeros((), FLOAT32))
+      clipped_fraction=jnp.zeros((), FLOAT32), max_ratio=jnp.zeros((), FLOAT32)
+    )
 
   def update_fn(updates, state, params=None):
     del state
     _tree.require_params("adaptive_grad_clip", params)
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    splits = (_tree.leaf_splits(col, updates) if col is not None
-              else [None] * len(flat))
+    splits = _tree.leaf_splits(col, updates) if col is not None else [None] * len(flat)
     results = []
 
     def clip_leaf(path, g, w, split):
@@ -450,33 +462,44 @@ def adaptive_grad_clip(
       # over the other dimensions' axes, which the counts sum over.
       within = () if split is None else _tree.dims_axes(split, axes)
       across = () if split is None else _tree.dims_axes(split, unit_dims)
+
       def unit_norms(x: jax.Array) -> jax.Array:
         # Per unit, without overflow; a unit whose squares all flushed to
         # zero keeps norm 0 (a dead unit is not re-read every step), which
         # changes no decision: its ratio is far below any threshold.
         def squares(c: Any = None) -> jax.Array:
           return _tree.psum_over(_norms.sum_of_squares(x, c, axis=axes), within)
+
         return _norms.rescued_norm(squares(), squares, zero_is_exact=True)
 
       g_norm = unit_norms(g)
       w_norm = jnp.maximum(unit_norms(w), eps)
       scale = _tree.clip_scale(g_norm, clipping * w_norm)
       units = math.prod(g.shape[d] for d in unit_dims) * math.prod(
-          jax.lax.axis_size(a) for a in across)
-      results.append((_tree.psum_over(jnp.sum(scale < 1.0, dtype=jnp.int32), across),
-                      _tree.nan_pmax(_tree.nan_max(g_norm / w_norm), across), units))
+        jax.lax.axis_size(a) for a in across
+      )
+      results.append(
+        (
+          _tree.psum_over(jnp.sum(scale < 1.0, dtype=jnp.int32), across),
+          _tree.nan_pmax(_tree.nan_max(g_norm / w_norm), across),
+          units,
+        )
+      )
       return _tree.scale_leaf(g, scale)
 
-    leaves = [clip_leaf(path, g, w, split) for (path, g), w, split in zip(
-        flat, treedef.flatten_up_to(params), splits)]
-    updates = treedef.unflatten(leaves)
+    leaves = [
+      clip_leaf(path, g, w, split)
+      for (path, g), w, split in zip(flat, _tree.flatten_up_to(treedef, params), splits)
+    ]
+    updates = jax.tree.unflatten(treedef, leaves)
     clipped = _sum([c for c, _, _ in results], jnp.int32)
-    max_ratio = _tree.nan_max(jnp.stack([r for _, r, _ in results]) if results
-                              else jnp.zeros((0,), FLOAT32))
+    max_ratio = _tree.nan_max(
+      jnp.stack([r for _, r, _ in results]) if results else jnp.zeros((0,), FLOAT32)
+    )
     total = sum(n for _, _, n in results)
     return updates, AdaptiveGradClipState(
-        clipped_fraction=_fraction(clipped, total),
-        max_ratio=max_ratio.astype(FLOAT32))
+      clipped_fraction=_fraction(clipped, total), max_ratio=max_ratio.astype(FLOAT32)
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -495,8 +518,7 @@ def _centralize_leaf(g: jax.Array, split: _tree.LeafSplit | None = None) -> jax.
     mean = jnp.mean(g32, axis=reduced, keepdims=True)
   else:
     within = _tree.dims_axes(split, reduced)
-    count = math.prod(g.shape[d] for d in reduced) * math.prod(
-        jax.lax.axis_size(a) for a in within)
+    count = math.prod(g.shape[d] for d in reduced) * math.prod(jax.lax.axis_size(a) for a in within)
     mean = _tree.psum_over(jnp.sum(g32, axis=reduced, keepdims=True), within) / count
   centred = g32 - mean
   # A finite entry minus a finite mean can pass the dtype's largest value
@@ -506,8 +528,7 @@ def _centralize_leaf(g: jax.Array, split: _tree.LeafSplit | None = None) -> jax.
   return jnp.where(finite, jnp.clip(centred, -largest, largest), centred).astype(g.dtype)
 
 
-def centralize(*, axis_name: Any = None,
-               partition: Any = None) -> optax.GradientTransformation:
+def centralize(*, axis_name: Any = None, partition: Any = None) -> optax.GradientTransformation:
   """Gradient centralization for Flax's layout: zero mean per output unit.
 
   For every floating leaf of rank >= 2, with output units on the last axis,
@@ -551,8 +572,10 @@ def centralize(*, axis_name: Any = None,
   """
   col = _tree.collective("centralize", axis_name, partition)
   if col is not None and partition is None:
-    raise ValueError("centralize with axis_name= needs partition= (the "
-                     "gradient's PartitionSpecs), got partition=None.")
+    raise ValueError(
+      "centralize with axis_name= needs partition= (the "
+      "gradient's PartitionSpecs), got partition=None."
+    )
 
   def init_fn(params: Any) -> optax.EmptyState:
     del params
@@ -563,9 +586,13 @@ def centralize(*, axis_name: Any = None,
     if col is None:
       return _tree.map_float(_centralize_leaf, updates), state
     leaves, treedef = jax.tree.flatten(updates)
-    return treedef.unflatten([
+    return jax.tree.unflatten(
+      treedef,
+      [
         _centralize_leaf(g, split) if _tree.is_float(g) else g
-        for g, split in zip(leaves, _tree.leaf_splits(col, updates))]), state
+        for g, split in zip(leaves, _tree.leaf_splits(col, updates))
+      ],
+    ), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -582,6 +609,7 @@ class ClipWeightsState(NamedTuple):
       was changed to keep them in range at the last update; a weight whose
       ``w + u`` is not finite is left as it is and not counted.
   """
+
   clipped_fraction: jax.Array
 
 
@@ -603,8 +631,9 @@ def _inner_bound(bound: jax.Array, dtype: Any) -> jax.Array:
   return jnp.where(b > bound, _toward(b.astype(dtype), 0.0).astype(FLOAT32), b)
 
 
-def _clip_weight_update(u: jax.Array, w: jax.Array, bound: jax.Array,
-                        counts: list[jax.Array]) -> jax.Array:
+def _clip_weight_update(
+  u: jax.Array, w: jax.Array, bound: jax.Array, counts: list[jax.Array]
+) -> jax.Array:
   """One leaf of :func:`clip_weights` (counting its clipped entries)."""
   out = jnp.promote_types(u.dtype, w.dtype)
   w32 = w.astype(FLOAT32)
@@ -619,7 +648,8 @@ def _clip_weight_update(u: jax.Array, w: jax.Array, bound: jax.Array,
     return _round_to(_round_to(w_fixed + d.astype(FLOAT32), out), w.dtype)
 
   outside = jnp.isfinite(target) & (
-      (jnp.abs(target) > bound) | (jnp.abs(lands(u.astype(out))) > bound))
+    (jnp.abs(target) > bound) | (jnp.abs(lands(u.astype(out))) > bound)
+  )
   counts.append(jnp.sum(outside, dtype=jnp.int32))
   inner = _inner_bound(bound, w.dtype)
   # The clip formula: its derivative is the derivative of the result.
@@ -635,8 +665,9 @@ def _clip_weight_update(u: jax.Array, w: jax.Array, bound: jax.Array,
   return jnp.where(outside, delta + jax.lax.stop_gradient(d - delta), u.astype(out))
 
 
-def clip_weights(max_abs: float, *, axis_name: Any = None,
-                 partition: Any = None) -> optax.GradientTransformation:
+def clip_weights(
+  max_abs: float, *, axis_name: Any = None, partition: Any = None
+) -> optax.GradientTransformation:
   """Changes the update so that the new weights lie in ``[-max_abs, max_abs]``.
 
   .. math::
@@ -700,16 +731,19 @@ def clip_weights(max_abs: float, *, axis_name: Any = None,
     del state
     _tree.require_params("clip_weights", params)
     bound = jnp.asarray(max_abs, FLOAT32)
-    counts = []
+    counts: list[jax.Array] = []
 
     def clip_leaf(u, w):
       return _clip_weight_update(u, w, bound, counts) if _tree.is_float(u) else u
 
     updates = jax.tree.map(clip_leaf, updates, params)
     return updates, ClipWeightsState(
-        clipped_fraction=_fraction(
-            _sum(counts, jnp.int32) if col is None else _tree.sum_over_leaves(
-                col, counts, _tree.leaf_splits(col, updates, floats_only=True)),
-            _tree.size(updates, col)))
+      clipped_fraction=_fraction(
+        _sum(counts, jnp.int32)
+        if col is None
+        else _tree.sum_over_leaves(col, counts, _tree.leaf_splits(col, updates, floats_only=True)),
+        _tree.size(updates, col),
+      )
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -26,7 +26,8 @@ _FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 @_stats.register_state(
-    "dynamic_loss_scale", fields=("scale", "good_steps", "num_skipped", "skipped"))
+  "dynamic_loss_scale", fields=("scale", "good_steps", "num_skipped", "skipped")
+)
 class DynamicLossScaleState(NamedTuple):
   """State of :func:`dynamic_loss_scale`.
 
@@ -40,6 +41,7 @@ class DynamicLossScaleState(NamedTuple):
     skipped: int32, 1 if the last step was skipped, else 0.
     inner_state: the wrapped transform's state, untouched on skipped steps.
   """
+
   scale: jax.Array
   good_steps: jax.Array
   num_skipped: jax.Array
@@ -50,32 +52,32 @@ class DynamicLossScaleState(NamedTuple):
 def _check_scales(initial_scale: Any, min_scale: Any, max_scale: Any) -> None:
   _tree.check_number("initial_scale", initial_scale, low=0.0, low_open=True)
   _tree.check_number("min_scale", min_scale, low=0.0, low_open=True)
-  _tree.check_number("max_scale", max_scale, low=0.0, high=_FLOAT32_MAX,
-                     low_open=True)
+  _tree.check_number("max_scale", max_scale, low=0.0, high=_FLOAT32_MAX, low_open=True)
   values = (initial_scale, min_scale, max_scale)
   if not all(v is not None and _tree.is_concrete(v) for v in values):
     return
   low, high = float(min_scale), float(max_scale)
   if low > high:
     raise ValueError(
-        "min_scale must not exceed max_scale, got "
-        f"min_scale={min_scale!r} and max_scale={max_scale!r}.")
+      "min_scale must not exceed max_scale, got "
+      f"min_scale={min_scale!r} and max_scale={max_scale!r}."
+    )
   if not low <= float(initial_scale) <= high:
     raise ValueError(
-        f"initial_scale must be in [min_scale, max_scale] = [{low}, {high}], "
-        f"got {initial_scale!r}.")
+      f"initial_scale must be in [min_scale, max_scale] = [{low}, {high}], got {initial_scale!r}."
+    )
 
 
 def dynamic_loss_scale(
-    inner: optax.GradientTransformation,
-    *,
-    initial_scale: float = 2.0**15,
-    growth_interval: int = 2000,
-    growth_factor: float = 2.0,
-    backoff_factor: float = 0.5,
-    min_scale: float = 1.0,
-    max_scale: float = 2.0**24,
-    axis_name: Any = None,
+  inner: optax.GradientTransformation,
+  *,
+  initial_scale: float = 2.0**15,
+  growth_interval: int = 2000,
+  growth_factor: float = 2.0,
+  backoff_factor: float = 0.5,
+  min_scale: float = 1.0,
+  max_scale: float = 2.0**24,
+  axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Dynamic loss scaling around ``inner``, for float16 training.
 
@@ -161,8 +163,10 @@ def dynamic_loss_scale(
   _check_scales(initial_scale, min_scale, max_scale)
   _tree.check_int("growth_interval", growth_interval, low=1)
   _tree.check_number("growth_factor", growth_factor, low=1.0, low_open=True)
-  _tree.check_number("backoff_factor", backoff_factor, low=0.0, high=1.0,
-                     low_open=True, high_open=True)
+  _tree.check_number(
+    "backoff_factor", backoff_factor, low=0.0, high=1.0, low_open=True, high_open=True
+  )
+  _tree.check_transform("inner", inner)
   inner = optax.with_extra_args_support(inner)
   col = _tree.collective("dynamic_loss_scale", axis_name)
   # Below a scale of 1, unscaling can overflow a finite entry.
@@ -170,12 +174,16 @@ def dynamic_loss_scale(
 
   def init_fn(params: Any) -> DynamicLossScaleState:
     return DynamicLossScaleState(
-        scale=jnp.asarray(initial_scale, FLOAT32),
-        good_steps=jnp.zeros((), INT32), num_skipped=jnp.zeros((), INT32),
-        skipped=jnp.zeros((), INT32), inner_state=inner.init(params))
+      scale=jnp.asarray(initial_scale, FLOAT32),
+      good_steps=jnp.zeros((), INT32),
+      num_skipped=jnp.zeros((), INT32),
+      skipped=jnp.zeros((), INT32),
+      inner_state=inner.init(params),
+    )
 
-  def update_fn(updates: Any, state: DynamicLossScaleState, params: Any = None,
-                **extra_args: Any) -> tuple[Any, DynamicLossScaleState]:
+  def update_fn(
+    updates: Any, state: DynamicLossScaleState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, DynamicLossScaleState]:
     scale = state.scale
 
     def unscale_leaf(g: jax.Array, dtype: Any) -> jax.Array:
@@ -192,25 +200,30 @@ def dynamic_loss_scale(
     finite = _tree.all_finite(updates)
     if may_shrink:
       # NaNs are caught above (a max may drop them on XLA:CPU).
-      finite = finite & _tree.all_finite(_tree.map_float(
-          lambda g: unscale_leaf(jnp.max(jnp.abs(g), initial=0), g.dtype),
-          updates))
+      finite = finite & _tree.all_finite(
+        _tree.map_float(lambda g: unscale_leaf(jnp.max(jnp.abs(g), initial=0), g.dtype), updates)
+      )
     if col is not None:
       finite = _tree.over_devices(col, finite.astype(INT32), op="min") > 0
     new_updates, inner_state = _tree.run_or_hold(
-        finite, lambda u, s, p: inner.update(unscale(u), s, p, **extra_args),
-        updates, state.inner_state, params)
+      finite,
+      lambda u, s, p: inner.update(unscale(u), s, p, **extra_args),
+      updates,
+      state.inner_state,
+      params,
+    )
 
     good_steps = jnp.where(finite, state.good_steps + 1, 0)
     grow = good_steps >= growth_interval
     grown = jnp.where(grow, jnp.minimum(scale * growth_factor, max_scale), scale)
     backed_off = jnp.maximum(scale * backoff_factor, min_scale)
     return new_updates, DynamicLossScaleState(
-        scale=jnp.where(finite, grown, backed_off).astype(FLOAT32),
-        good_steps=jnp.where(grow, 0, good_steps).astype(INT32),
-        num_skipped=_tree.count_if(state.num_skipped, ~finite),
-        skipped=(~finite).astype(INT32),
-        inner_state=inner_state)
+      scale=jnp.where(finite, grown, backed_off).astype(FLOAT32),
+      good_steps=jnp.where(grow, 0, good_steps).astype(INT32),
+      num_skipped=_tree.count_if(state.num_skipped, ~finite),
+      skipped=(~finite).astype(INT32),
+      inner_state=inner_state,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -238,11 +251,15 @@ def loss_scale(opt_state: Any) -> jax.Array:
     >>> float(gc.loss_scale(tx.init({"w": jnp.zeros(3)})))
     32768.0
   """
-  found = [state for _, _, state in _stats.named_states(opt_state)
-           if isinstance(state, DynamicLossScaleState)]
+  found = [
+    state
+    for _, _, state in _stats.named_states(opt_state)
+    if isinstance(state, DynamicLossScaleState)
+  ]
   if len(found) != 1:
     raise ValueError(
-        f"loss_scale needs an optimizer state holding exactly one "
-        f"gc.dynamic_loss_scale(...) state, found {len(found)}: build the "
-        f"optimizer with gc.dynamic_loss_scale(inner) and pass its state.")
+      f"loss_scale needs an optimizer state holding exactly one "
+      f"gc.dynamic_loss_scale(...) state, found {len(found)}: build the "
+      f"optimizer with gc.dynamic_loss_scale(inner) and pass its state."
+    )
   return found[0].scale

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import sys
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -10,18 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradcal_jax import _stats
-from gradcal_jax import _norms
-from gradcal_jax import _tree
+from gradcal_jax import _norms, _stats, _tree
 
 _VANISHING_BELOW = 1e-7
 _EXPLODING_ABOVE = 1e3
 
 
 @_stats.register_state(
-    "monitor",
-    fields=("count", "norm", "leaf_norms", "max_abs", "nonfinite",
-            "vanishing", "exploding"))
+  "monitor",
+  fields=("count", "norm", "leaf_norms", "max_abs", "nonfinite", "vanishing", "exploding"),
+)
 class MonitorState(NamedTuple):
   """What :func:`monitor` saw in the last gradient it passed through.
 
@@ -43,7 +44,8 @@ class MonitorState(NamedTuple):
     vanishing_below: the threshold used (float32), kept for :func:`report`.
     exploding_above: the threshold used (float32), kept for :func:`report`.
   """
-  count: jax.Array
+
+  count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
   norm: jax.Array
   leaf_norms: Any
   max_abs: jax.Array
@@ -57,13 +59,13 @@ class MonitorState(NamedTuple):
 def _check_thresholds(vanishing_below: Any, exploding_above: Any) -> None:
   _tree.check_number("vanishing_below", vanishing_below, low=0.0)
   _tree.check_number("exploding_above", exploding_above, low=0.0)
-  concrete = _tree.is_concrete(vanishing_below) and _tree.is_concrete(
-      exploding_above)
+  concrete = _tree.is_concrete(vanishing_below) and _tree.is_concrete(exploding_above)
   if concrete and not float(vanishing_below) < float(exploding_above):
     raise ValueError(
-        "vanishing_below must be smaller than exploding_above, got "
-        f"vanishing_below={vanishing_below!r} and "
-        f"exploding_above={exploding_above!r}.")
+      "vanishing_below must be smaller than exploding_above, got "
+      f"vanishing_below={vanishing_below!r} and "
+      f"exploding_above={exploding_above!r}."
+    )
 
 
 def _is_gradient(x: Any) -> bool:
@@ -83,7 +85,7 @@ def _max_abs(largest: jax.Array, norm: jax.Array) -> jax.Array:
 
 
 def _summary(
-    tree: Any, col: _tree.Collective | None = None
+  tree: Any, col: _tree.Collective | None = None
 ) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
   """Per-leaf norms (None for non-gradient leaves), their vector, the global
   norm (from the leaf norms: no second pass), the largest |entry| and the
@@ -94,22 +96,21 @@ def _summary(
   splits = _tree.leaf_splits(col, tree) if col is not None else None
   squares = [_norms.sum_of_squares(leaves[i]) for i in index]
   maxima = [jnp.max(jnp.abs(leaves[i]), initial=0).astype(_tree.FLOAT32) for i in index]
-  if col is not None:
+  if col is not None and splits is not None:
     picked = [splits[i] for i in index]
     squares = _tree.per_leaf(col, squares, picked)
     maxima = _tree.per_leaf(col, maxima, picked, op="max")
-  per_leaf = [None] * len(leaves)
+  per_leaf: list[Any] = [None] * len(leaves)
   for i, q in zip(index, squares):
     axes = () if splits is None else splits[i].axes
     per_leaf[i] = _norms.norm_from_squares(q, leaves[i], axes)
-  leaf_norms = treedef.unflatten(per_leaf)
-  norms = [per_leaf[i] for i in index]
-  norm = _norms.combine_norms(norms)
-  norms = jnp.stack(norms) if norms else jnp.zeros((0,), _tree.FLOAT32)
+  leaf_norms = jax.tree.unflatten(treedef, per_leaf)
+  norm_list = [per_leaf[i] for i in index]
+  norm = _norms.combine_norms(norm_list)
+  norms = jnp.stack(norm_list) if norm_list else jnp.zeros((0,), _tree.FLOAT32)
 
   def count() -> jax.Array:
-    counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves
-              if _tree.is_float(x)]
+    counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves if _tree.is_float(x)]
     if col is None or not counts:
       return sum(counts, jnp.zeros((), jnp.int32))
     return _tree.sum_over_leaves(col, counts, _tree.leaf_splits(col, tree, floats_only=True))
@@ -123,11 +124,11 @@ def _summary(
 
 
 def monitor(
-    vanishing_below: float = _VANISHING_BELOW,
-    exploding_above: float = _EXPLODING_ABOVE,
-    *,
-    axis_name: Any = None,
-    partition: Any = None,
+  vanishing_below: float = _VANISHING_BELOW,
+  exploding_above: float = _EXPLODING_ABOVE,
+  *,
+  axis_name: Any = None,
+  partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""Records the health of each gradient and passes it through unchanged.
 
@@ -179,8 +180,10 @@ def monitor(
   col = _tree.collective("monitor", axis_name, partition)
 
   def thresholds() -> tuple[jax.Array, jax.Array]:
-    return (jnp.asarray(vanishing_below, _tree.FLOAT32),
-            jnp.asarray(exploding_above, _tree.FLOAT32))
+    return (
+      jnp.asarray(vanishing_below, _tree.FLOAT32),
+      jnp.asarray(exploding_above, _tree.FLOAT32),
+    )
 
   def init_fn(params: Any) -> MonitorState:
     low, high = thresholds()
@@ -188,42 +191,57 @@ def monitor(
     zero_f = lambda: jnp.zeros((), _tree.FLOAT32)
     zero_i = lambda: jnp.zeros((), jnp.int32)
     return MonitorState(
-        count=zero_i(), norm=zero_f(),
-        leaf_norms=jax.tree.map(
-            lambda x: zero_f() if _is_gradient(x) else None, params),
-        max_abs=zero_f(), nonfinite=zero_i(), vanishing=zero_i(), exploding=zero_i(),
-        vanishing_below=low, exploding_above=high)
+      count=zero_i(),
+      norm=zero_f(),
+      leaf_norms=jax.tree.map(lambda x: zero_f() if _is_gradient(x) else None, params),
+      max_abs=zero_f(),
+      nonfinite=zero_i(),
+      vanishing=zero_i(),
+      exploding=zero_i(),
+      vanishing_below=low,
+      exploding_above=high,
+    )
 
-  def update_fn(
-      updates: Any, state: MonitorState, params: Any = None
-  ) -> tuple[Any, MonitorState]:
+  def update_fn(updates: Any, state: MonitorState, params: Any = None) -> tuple[Any, MonitorState]:
     del params
     low, high = thresholds()
     leaf_norms, norms, norm, max_abs, nonfinite = _summary(updates, col)
     new_state = MonitorState(
-        count=optax.safe_increment(state.count),
-        norm=norm,
-        leaf_norms=leaf_norms,
-        max_abs=max_abs,
-        nonfinite=nonfinite,
-        vanishing=jnp.sum(norms < low, dtype=jnp.int32),
-        exploding=jnp.sum(norms > high, dtype=jnp.int32),
-        vanishing_below=low,
-        exploding_above=high)
+      count=optax.safe_increment(state.count),
+      norm=norm,
+      leaf_norms=leaf_norms,
+      max_abs=max_abs,
+      nonfinite=nonfinite,
+      vanishing=jnp.sum(norms < low, dtype=jnp.int32),
+      exploding=jnp.sum(norms > high, dtype=jnp.int32),
+      vanishing_below=low,
+      exploding_above=high,
+    )
     return updates, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _optax_state(x: Any) -> Any:
+def _optax_state(x: Any, caller: str) -> Any:
   # A Flax NNX Optimizer (or anything holding `tx` and `opt_state`) is read
-  # through its optax state.
+  # through its optax state; a model is refused (its params are not
+  # gradients, and it holds no optimizer state).
   if hasattr(x, "tx") and hasattr(x, "opt_state"):
     return x.opt_state
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is not None and isinstance(x, nnx.Module):
+    raise ValueError(
+      f"{caller}() got a Flax model ({type(x).__name__}), which holds parameters, not "
+      f"gradients or optimizer state: pass the nnx.Optimizer or its opt_state"
+      + (", or the gradients nnx.grad(loss_fn)(model)" if caller == "report" else "")
+      + "."
+    )
   return x
 
 
-def stats(opt_state: Any) -> dict[str, jax.Array]:
+def stats(
+  opt_state: Any, *, include: str | Sequence[str] | None = None, per_leaf: str = "all"
+) -> dict[str, jax.Array]:
   """Every statistic of every gradcal state inside ``opt_state``, for a logger.
 
   Walks any nested optax state (``optax.chain``, ``optax.masked``,
@@ -237,9 +255,21 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
   Args:
     opt_state: an optax state, anything containing one, or a Flax NNX
       ``Optimizer``.
+    include: keep only the keys matching this shell-style pattern or any of
+      these patterns (``fnmatch``: ``"*/norm"``, ``"monitor/*"``); default all.
+    per_leaf: a field with one value per layer (``monitor/leaf_norms``,
+      ``clip_by_layer_norm/norms``, ...) gives one key per layer (``"all"``),
+      only its ``.../max`` and ``.../min`` over layers (``"summary"``; NaN if
+      a layer's is NaN) or no key (``"none"``). Applied before ``include``.
 
   Returns:
-    ``dict[str, jax.Array]`` of scalars, in a stable order.
+    ``dict[str, jax.Array]`` of scalars, in a stable order: the order of the
+    transforms in the state, then of their fields (the order of
+    :func:`report`'s last section).
+
+  Raises:
+    ValueError: when ``opt_state`` holds no gradcal_jax state, is a Flax
+      model, or ``per_leaf`` is not one of the three.
 
   Example:
     >>> import jax.numpy as jnp, optax, gradcal_jax as gc
@@ -249,13 +279,26 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     >>> float(gc.stats(state)["clip_by_global_norm/norm"])
     5.0
   """
-  return _stats.collect(_optax_state(opt_state))
+  tree = _optax_state(opt_state, "stats")
+  if next(_stats.named_states(tree), None) is None:
+    raise ValueError(
+      "stats() found no gradcal_jax state in what it was given "
+      f"({type(opt_state).__name__}): pass the optax state of a chain that holds a "
+      "gradcal_jax transform recording statistics (monitor, a clipper, zclip, "
+      "skip_spikes, ...; centralize records none), or the nnx.Optimizer holding it."
+    )
+  if per_leaf not in _stats.PER_LEAF:
+    raise ValueError(f"per_leaf must be one of {_stats.PER_LEAF}, got {per_leaf!r}.")
+  out = _stats.collect(tree, per_leaf)
+  if include is None:
+    return out
+  patterns = [include] if isinstance(include, str) else list(include)
+  return {k: v for k, v in out.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
 
 
 # Severity of a row of the report: smaller sorts first.
 _NONFINITE, _EXPLODING, _VANISHING, _OK = range(4)
-_FLAGS = {_NONFINITE: "non-finite", _EXPLODING: "exploding",
-          _VANISHING: "vanishing", _OK: "ok"}
+_FLAGS = {_NONFINITE: "non-finite", _EXPLODING: "exploding", _VANISHING: "vanishing", _OK: "ok"}
 
 
 def _layer_path(path: tuple[Any, ...]) -> str:
@@ -264,8 +307,9 @@ def _layer_path(path: tuple[Any, ...]) -> str:
   return text.removesuffix("/value") if text != "value" else text
 
 
-def _rows(norms: list[tuple[str, str, float]], low: float,
-          high: float) -> list[tuple[str, str, float, str]]:
+def _rows(
+  norms: list[tuple[str, str, float]], low: float, high: float
+) -> list[tuple[str, str, float, str]]:
   """Sorts ``(path, shape, norm)`` worst first and adds the flag."""
   keyed = []
   for i, (path, shape, norm) in enumerate(norms):
@@ -281,22 +325,18 @@ def _rows(norms: list[tuple[str, str, float]], low: float,
   return [row for _, row in sorted(keyed, key=lambda kv: kv[0])]
 
 
-def _table(title: str, summary: list[str],
-           rows: list[tuple[str, str, float, str]]) -> list[str]:
+def _table(title: str, summary: list[str], rows: list[tuple[str, str, float, str]]) -> list[str]:
   headers = ("layer", "shape", "norm", "flag")
   cells = [(p, s, f"{n:.3e}", f) for p, s, n, f in rows]
   show_shape = any(s for _, s, _, _ in rows)
   columns = [0, 1, 2, 3] if show_shape else [0, 2, 3]
-  widths = {c: max([len(headers[c])] + [len(r[c]) for r in cells])
-            for c in columns}
+  widths = {c: max([len(headers[c])] + [len(r[c]) for r in cells]) for c in columns}
 
   def line(values: tuple[str, ...]) -> str:
-    parts = [values[c].rjust(widths[c]) if c == 2 else values[c].ljust(widths[c])
-             for c in columns]
+    parts = [values[c].rjust(widths[c]) if c == 2 else values[c].ljust(widths[c]) for c in columns]
     return "  ".join(parts).rstrip()
 
-  out = [title, *summary, line(headers),
-         line(tuple("-" * widths.get(c, 0) for c in range(4)))]
+  out = [title, *summary, line(headers), line(tuple("-" * widths.get(c, 0) for c in range(4)))]
   out.extend(line(r) for r in cells)
   if not rows:
     out.append("(no floating-point leaves)")
@@ -305,7 +345,7 @@ def _table(title: str, summary: list[str],
 
 def _counts_line(rows: list[tuple[str, str, float, str]]) -> str:
   counts = {flag: sum(r[3] == flag for r in rows) for flag in _FLAGS.values()}
-  return ("layers: " + ", ".join(f"{counts[f]} {f}" for f in _FLAGS.values()))
+  return "layers: " + ", ".join(f"{counts[f]} {f}" for f in _FLAGS.values())
 
 
 # One compiled call rather than a few eager operations per leaf.
@@ -313,55 +353,61 @@ _gradient_summary = jax.jit(_summary)
 
 
 def _report_grads(grads: Any, low: float, high: float) -> list[str]:
-  leaves = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(grads)[0]
-            if _is_gradient(x)]
+  leaves = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(grads)[0] if _is_gradient(x)]
   leaf_norms, _, norm, max_abs, nonfinite = jax.device_get(
-      _gradient_summary([x for _, x in leaves]))
-  norms = [(_layer_path(p), str(tuple(x.shape)), float(n))
-           for (p, x), n in zip(leaves, leaf_norms)]
+    _gradient_summary([x for _, x in leaves])
+  )
+  norms = [(_layer_path(p), str(tuple(x.shape)), float(n)) for (p, x), n in zip(leaves, leaf_norms)]
   rows = _rows(norms, low, high)
   summary = [
-      f"global norm {float(norm):.3e}, max |entry| {float(max_abs):.3e}, "
-      f"non-finite entries {int(nonfinite)}",
-      _counts_line(rows) + f" (vanishing < {low:.1e}, exploding > {high:.1e})",
+    f"global norm {float(norm):.3e}, max |entry| {float(max_abs):.3e}, "
+    f"non-finite entries {int(nonfinite)}",
+    _counts_line(rows) + f" (vanishing < {low:.1e}, exploding > {high:.1e})",
   ]
   return _table("gradient", summary, rows)
 
 
-def _report_monitor(prefix: str, state: MonitorState, low: float | None,
-                    high: float | None) -> list[str]:
+def _report_monitor(
+  prefix: str, state: MonitorState, low: float | None, high: float | None
+) -> list[str]:
   low = float(state.vanishing_below) if low is None else low
   high = float(state.exploding_above) if high is None else high
-  norms = [(_layer_path(p), "", float(n)) for p, n in
-           jax.tree_util.tree_flatten_with_path(state.leaf_norms)[0]]
+  norms = [
+    (_layer_path(p), "", float(n))
+    for p, n in jax.tree_util.tree_flatten_with_path(state.leaf_norms)[0]
+  ]
   rows = _rows(norms, low, high)
   summary = [
-      f"step {int(state.count)}: global norm {float(state.norm):.3e}, "
-      f"max |entry| {float(state.max_abs):.3e}, "
-      f"non-finite entries {int(state.nonfinite)}",
-      _counts_line(rows) + f" (vanishing < {low:.1e}, exploding > {high:.1e})",
+    f"step {int(state.count)}: global norm {float(state.norm):.3e}, "
+    f"max |entry| {float(state.max_abs):.3e}, "
+    f"non-finite entries {int(state.nonfinite)}",
+    _counts_line(rows) + f" (vanishing < {low:.1e}, exploding > {high:.1e})",
   ]
   return _table(prefix, summary, rows)
 
 
 def _is_optimizer_state(tree: Any) -> bool:
   """True when ``tree`` holds an optax or gradcal state rather than gradients."""
+
   def is_state(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
   for x in jax.tree.leaves(tree, is_leaf=is_state):
     module = type(x).__module__
-    if is_state(x) and not isinstance(x, optax.MaskedNode) and (
-        module.startswith(("optax", "gradcal_jax"))):
+    if (
+      is_state(x)
+      and not isinstance(x, optax.MaskedNode)
+      and (module.startswith(("optax", "gradcal_jax")))
+    ):
       return True
   return False
 
 
 def report(
-    opt_state_or_grads: Any,
-    *,
-    vanishing_below: float | None = None,
-    exploding_above: float | None = None,
+  opt_state_or_grads: Any,
+  *,
+  vanishing_below: float | None = None,
+  exploding_above: float | None = None,
 ) -> str:
   """A table a person reads: each layer's gradient norm, worst layers first.
 
@@ -402,9 +448,10 @@ def report(
     a      (3,)    0.000e+00  vanishing
   """
   _check_thresholds(
-      _VANISHING_BELOW if vanishing_below is None else vanishing_below,
-      _EXPLODING_ABOVE if exploding_above is None else exploding_above)
-  tree = _optax_state(opt_state_or_grads)
+    _VANISHING_BELOW if vanishing_below is None else vanishing_below,
+    _EXPLODING_ABOVE if exploding_above is None else exploding_above,
+  )
+  tree = _optax_state(opt_state_or_grads, "report")
   if not _is_optimizer_state(tree):
     low = _VANISHING_BELOW if vanishing_below is None else vanishing_below
     high = _EXPLODING_ABOVE if exploding_above is None else exploding_above
@@ -416,14 +463,19 @@ def report(
   for prefix, _, state in _stats.named_states(tree):
     if isinstance(state, MonitorState):
       monitors.add(prefix)
-      sections.append(_report_monitor(
-          prefix, state, vanishing_below, exploding_above))
+      sections.append(_report_monitor(prefix, state, vanishing_below, exploding_above))
   if not sections:
-    sections.append(["no monitor in this state: add gradcal_jax.monitor() to "
-                     "the chain to see per-layer gradient norms"])
-  others = [f"{key} = {_format(value)}"
-            for key, value in stats(tree).items()
-            if key.split("/", 1)[0] not in monitors]
+    sections.append(
+      [
+        "no monitor in this state: add gradcal_jax.monitor() to "
+        "the chain to see per-layer gradient norms"
+      ]
+    )
+  others = [
+    f"{key} = {_format(value)}"
+    for key, value in _stats.collect(tree).items()
+    if key.split("/", 1)[0] not in monitors
+  ]
   if others:
     sections.append(["other statistics", *others])
   return "\n\n".join("\n".join(s) for s in sections)

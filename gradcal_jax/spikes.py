@@ -30,7 +30,7 @@ def _whole(col: _tree.Collective | None, tree: Any, values: Any) -> Any:
   if col is None:
     return values
   flat, treedef = jax.tree.flatten(values)
-  return treedef.unflatten(_tree.per_leaf(col, flat, _tree.leaf_splits(col, tree)))
+  return jax.tree.unflatten(treedef, _tree.per_leaf(col, flat, _tree.leaf_splits(col, tree)))
 
 
 def _sizes(col: _tree.Collective | None, tree: Any) -> list[int]:
@@ -38,15 +38,22 @@ def _sizes(col: _tree.Collective | None, tree: Any) -> list[int]:
   leaves = jax.tree.leaves(tree)
   if col is None:
     return [int(x.size) for x in leaves]
-  return [int(x.size) * math.prod(jax.lax.axis_size(a) for a in split.axes)
-          for x, split in zip(leaves, _tree.leaf_splits(col, tree))]
+  return [
+    int(x.size) * math.prod(jax.lax.axis_size(a) for a in split.axes)
+    for x, split in zip(leaves, _tree.leaf_splits(col, tree))
+  ]
 
 
 def _num_scaled(scales: Any, updates: Any) -> jax.Array:
   """int32: how many floating leaves of ``updates`` have a scale below 1."""
-  return sum(((s < 1.0).astype(INT32)
-              for s, x in zip(jax.tree.leaves(scales), jax.tree.leaves(updates))
-              if _tree.is_float(x)), jnp.zeros((), INT32))
+  return sum(
+    (
+      (s < 1.0).astype(INT32)
+      for s, x in zip(jax.tree.leaves(scales), jax.tree.leaves(updates))
+      if _tree.is_float(x)
+    ),
+    jnp.zeros((), INT32),
+  )
 
 
 # ------------------------------------------------------------------- AdaGC
@@ -64,20 +71,21 @@ class AdaGCState(NamedTuple):
     norm: float32 global L2 norm of the last gradient, before clipping.
     num_clipped: int32, tensors scaled down at the last update.
   """
+
   gamma: Any
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
   norm: jax.Array
   num_clipped: jax.Array
 
 
 def adagc(
-    lambda_abs: float = 1.0,
-    lambda_rel: float = 1.05,
-    beta: float = 0.98,
-    warmup_steps: int = 100,
-    *,
-    axis_name: Any = None,
-    partition: Any = None,
+  lambda_abs: float = 1.0,
+  lambda_rel: float = 1.05,
+  beta: float = 0.98,
+  warmup_steps: int = 100,
+  *,
+  axis_name: Any = None,
+  partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""Adaptive per-tensor gradient clipping against an EMA of clipped norms (AdaGC).
 
@@ -144,12 +152,13 @@ def adagc(
 
   def init_fn(params: Any) -> AdaGCState:
     return AdaGCState(
-        gamma=jax.tree.map(lambda _: jnp.full((), jnp.inf, FLOAT32), params),
-        count=jnp.zeros((), INT32), norm=jnp.zeros((), FLOAT32),
-        num_clipped=jnp.zeros((), INT32))
+      gamma=jax.tree.map(lambda _: jnp.full((), jnp.inf, FLOAT32), params),
+      count=jnp.zeros((), INT32),
+      norm=jnp.zeros((), FLOAT32),
+      num_clipped=jnp.zeros((), INT32),
+    )
 
-  def update_fn(updates: Any, state: AdaGCState,
-                params: Any = None) -> tuple[Any, AdaGCState]:
+  def update_fn(updates: Any, state: AdaGCState, params: Any = None) -> tuple[Any, AdaGCState]:
     del params
     norms = _norms.leaf_norms(updates, col)
     norm = _norms.combine_norms(jax.tree.leaves(norms))
@@ -163,14 +172,15 @@ def adagc(
 
     def new_gamma(n: jax.Array, scale: jax.Array, gamma: jax.Array) -> jax.Array:
       clipped = scale * n
-      moved = jnp.where(warm, jnp.minimum(gamma, clipped),
-                        beta * gamma + (1.0 - beta) * clipped)
+      moved = jnp.where(warm, jnp.minimum(gamma, clipped), beta * gamma + (1.0 - beta) * clipped)
       return jnp.where(jnp.isfinite(clipped), moved, gamma).astype(FLOAT32)
 
     return _tree.map_float(_tree.scale_leaf, updates, scales), AdaGCState(
-        gamma=jax.tree.map(new_gamma, norms, scales, state.gamma),
-        count=optax.safe_increment(state.count), norm=norm,
-        num_clipped=_num_scaled(scales, updates))
+      gamma=jax.tree.map(new_gamma, norms, scales, state.gamma),
+      count=optax.safe_increment(state.count),
+      norm=norm,
+      num_clipped=_num_scaled(scales, updates),
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -194,17 +204,26 @@ class SpamState(NamedTuple):
     warmup_factor: float32, the learning-rate factor of the last update
       (below 1 during the cosine warm-up after a reset).
   """
-  count: jax.Array
+
+  count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
   mu: Any
   nu: Any
   num_clipped: jax.Array
   warmup_factor: jax.Array
 
 
-def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
-               eps: float, theta: float, interval: int, warmup_steps: int,
-               clip_delay: int, weight_decay: float,
-               col: _tree.Collective | None) -> optax.GradientTransformation:
+def _spam_core(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float,
+  b2: float,
+  eps: float,
+  theta: float,
+  interval: int,
+  warmup_steps: int,
+  clip_delay: int,
+  weight_decay: float,
+  col: _tree.Collective | None,
+) -> optax.GradientTransformation:
   """SPAM's whole step: Adam with its clipping, resets and warm-up, decay."""
   decays = not (_tree.is_concrete(weight_decay) and float(weight_decay) == 0.0)
 
@@ -213,13 +232,16 @@ def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
       # Shaped and sharded like the param (jnp.zeros(x.shape) would sit on
       # one device), as optax.adam's moments are.
       return jnp.zeros_like(x, dtype=FLOAT32)
-    return SpamState(
-        count=jnp.zeros((), INT32), mu=_tree.map_float(zeros, params),
-        nu=_tree.map_float(zeros, params), num_clipped=jnp.zeros((), INT32),
-        warmup_factor=jnp.ones((), FLOAT32))
 
-  def update_fn(updates: Any, state: SpamState,
-                params: Any = None) -> tuple[Any, SpamState]:
+    return SpamState(
+      count=jnp.zeros((), INT32),
+      mu=_tree.map_float(zeros, params),
+      nu=_tree.map_float(zeros, params),
+      num_clipped=jnp.zeros((), INT32),
+      warmup_factor=jnp.ones((), FLOAT32),
+    )
+
+  def update_fn(updates: Any, state: SpamState, params: Any = None) -> tuple[Any, SpamState]:
     if decays:
       _tree.require_params("spam with weight_decay", params)
     # Step s (0-based) = state.count. As in the authors' code: the moments
@@ -234,15 +256,22 @@ def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
     cosine = 0.99 * 0.5 * (1.0 + jnp.cos(math.pi * since / (warmup_steps + 1)))
     factor = jnp.where(warming, 1.0 - cosine, 1.0).astype(FLOAT32)
     t = step.astype(FLOAT32)
-    correction = jnp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+    correction = jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     grads, treedef = jax.tree.flatten(updates)
-    weights = treedef.flatten_up_to(params) if decays else [None] * len(grads)
-    out, mus, nus, counts, counted = [], [], [], [], []
-    for g, mu, nu, w in zip(grads, treedef.flatten_up_to(state.mu),
-                            treedef.flatten_up_to(state.nu), weights):
+    weights = _tree.flatten_up_to(treedef, params) if decays else [None] * len(grads)
+    out: list[Any] = []
+    mus: list[Any] = []
+    nus: list[Any] = []
+    counts: list[jax.Array] = []
+    counted: list[jax.Array] = []
+    for g, mu, nu, w in zip(
+      grads, _tree.flatten_up_to(treedef, state.mu), _tree.flatten_up_to(treedef, state.nu), weights
+    ):
       if not _tree.is_float(g):
-        out.append(g), mus.append(mu), nus.append(nu)
+        out.append(g)
+        mus.append(mu)
+        nus.append(nu)
         continue
       g32 = g.astype(FLOAT32)
       mu = jnp.where(reset, 0.0, mu)
@@ -258,29 +287,32 @@ def _spam_core(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float,
       if decays:
         step_dir = step_dir + weight_decay * w.astype(FLOAT32)
       out.append((-lr * step_dir).astype(g.dtype))
-    return treedef.unflatten(out), SpamState(
-        count=step, mu=treedef.unflatten(mus),
-        nu=treedef.unflatten(nus),
-        num_clipped=sum(counts, jnp.zeros((), INT32)) if col is None or not counts
-        else _tree.sum_over_leaves(col, counts, _tree.leaf_splits(col, updates, True)),
-        warmup_factor=factor)
+    return jax.tree.unflatten(treedef, out), SpamState(
+      count=step,
+      mu=jax.tree.unflatten(treedef, mus),
+      nu=jax.tree.unflatten(treedef, nus),
+      num_clipped=sum(counts, jnp.zeros((), INT32))
+      if col is None or not counts
+      else _tree.sum_over_leaves(col, counts, _tree.leaf_splits(col, updates, True)),
+      warmup_factor=factor,
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def spam(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    theta: float = 5000.0,
-    interval: int = 500,
-    warmup_steps: int = 150,
-    clip_delay: int = 20,
-    weight_decay: float = 0.0,
-    *,
-    axis_name: Any = None,
-    partition: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  theta: float = 5000.0,
+  interval: int = 500,
+  warmup_steps: int = 150,
+  clip_delay: int = 20,
+  weight_decay: float = 0.0,
+  *,
+  axis_name: Any = None,
+  partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""SPAM: Adam with spike-aware clipping and periodic momentum reset.
 
@@ -357,9 +389,18 @@ def spam(
   _tree.check_int("warmup_steps", warmup_steps, low=0)
   _tree.check_int("clip_delay", clip_delay, low=2)
   _tree.check_number("weight_decay", weight_decay, low=0.0)
-  return _spam_core(learning_rate, b1, b2, eps, theta, interval, warmup_steps,
-                    clip_delay, weight_decay,
-                    _tree.collective("spam", axis_name, partition))
+  return _spam_core(
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    theta,
+    interval,
+    warmup_steps,
+    clip_delay,
+    weight_decay,
+    _tree.collective("spam", axis_name, partition),
+  )
 
 
 # --------------------------------------------------------- update RMS clip
@@ -376,6 +417,7 @@ class ClipUpdateRMSState(NamedTuple):
       when any tensor's RMS is NaN.
     num_clipped: int32, tensors scaled down at the last update.
   """
+
   inner_state: Any
   max_rms: jax.Array
   num_clipped: jax.Array
@@ -395,13 +437,13 @@ def _second_moment(state: Any) -> tuple[Any, jax.Array] | None:
 
 
 def clip_update_rms(
-    inner: optax.GradientTransformation | None = None,
-    *,
-    threshold: float = 1.0,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    axis_name: Any = None,
-    partition: Any = None,
+  inner: optax.GradientTransformation | None = None,
+  *,
+  threshold: float = 1.0,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  axis_name: Any = None,
+  partition: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales each tensor's update down by its RMS: StableAdamW's update clipping.
 
@@ -463,6 +505,8 @@ def clip_update_rms(
   _tree.check_number("threshold", threshold, low=0.0, low_open=True)
   _tree.check_number("b2", b2, low=0.0, high=1.0, high_open=True)
   _tree.check_number("eps", eps, low=0.0, low_open=True)
+  if inner is not None:
+    _tree.check_transform("inner", inner)
   wrapped = None if inner is None else optax.with_extra_args_support(inner)
   col = _tree.collective("clip_update_rms", axis_name, partition)
 
@@ -470,45 +514,48 @@ def clip_update_rms(
     inner_state = optax.EmptyState() if wrapped is None else wrapped.init(params)
     if wrapped is not None and _second_moment(inner_state) is None:
       raise ValueError(
-          "clip_update_rms(inner) needs an inner transform whose state holds "
-          "a second moment `nu` and a `count` (optax.adam, optax.adamw, "
-          "optax.scale_by_adam); for another transform chain "
-          "gc.clip_update_rms() after it instead.")
-    return ClipUpdateRMSState(inner_state=inner_state,
-                              max_rms=jnp.zeros((), FLOAT32),
-                              num_clipped=jnp.zeros((), INT32))
+        "clip_update_rms(inner) needs an inner transform whose state holds "
+        "a second moment `nu` and a `count` (optax.adam, optax.adamw, "
+        "optax.scale_by_adam); for another transform chain "
+        "gc.clip_update_rms() after it instead."
+      )
+    return ClipUpdateRMSState(
+      inner_state=inner_state, max_rms=jnp.zeros((), FLOAT32), num_clipped=jnp.zeros((), INT32)
+    )
 
-  def update_fn(updates: Any, state: ClipUpdateRMSState, params: Any = None,
-                **extra_args: Any) -> tuple[Any, ClipUpdateRMSState]:
+  def update_fn(
+    updates: Any, state: ClipUpdateRMSState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, ClipUpdateRMSState]:
     sizes = jax.tree.unflatten(jax.tree.structure(updates), _sizes(col, updates))
     if wrapped is None:
       inner_state = state.inner_state
-      rms = jax.tree.map(lambda r, n: r / math.sqrt(max(n, 1)),
-                         _norms.leaf_norms(updates, col), sizes)
+      rms = jax.tree.map(
+        lambda r, n: r / math.sqrt(max(n, 1)), _norms.leaf_norms(updates, col), sizes
+      )
       out = updates
     else:
-      out, inner_state = wrapped.update(updates, state.inner_state, params,
-                                        **extra_args)
-      nu, count = _second_moment(inner_state)
+      out, inner_state = wrapped.update(updates, state.inner_state, params, **extra_args)
+      moment = _second_moment(inner_state)
+      assert moment is not None  # init_fn refused an inner state without one
+      nu, count = moment
       debias = 1.0 - b2 ** count.astype(FLOAT32)
 
       def leaf_ratio(g: jax.Array, v: jax.Array) -> jax.Array:
         if not _tree.is_float(g):
           return jnp.zeros((), FLOAT32)
-        v_hat = jnp.maximum(v.astype(FLOAT32) / debias, eps ** 2)
+        v_hat = jnp.maximum(v.astype(FLOAT32) / debias, eps**2)
         return jnp.sum(jnp.square(g.astype(FLOAT32)) / v_hat)
 
       ratios = _whole(col, updates, jax.tree.map(leaf_ratio, updates, nu))
       rms = jax.tree.map(lambda q, n: _norms.safe_sqrt(q / max(n, 1)), ratios, sizes)
     scales = jax.tree.map(
-        lambda r: jnp.where(jnp.isfinite(r) & (r > threshold), threshold / r, 1.0)
-        .astype(FLOAT32), rms)
-    floats = [r for r, u in zip(jax.tree.leaves(rms), jax.tree.leaves(out))
-              if _tree.is_float(u)]
+      lambda r: jnp.where(jnp.isfinite(r) & (r > threshold), threshold / r, 1.0).astype(FLOAT32),
+      rms,
+    )
+    floats = [r for r, u in zip(jax.tree.leaves(rms), jax.tree.leaves(out)) if _tree.is_float(u)]
     max_rms = _tree.nan_max(jnp.stack(floats) if floats else jnp.zeros((0,), FLOAT32))
     return _tree.map_float(_tree.scale_leaf, out, scales), ClipUpdateRMSState(
-        inner_state=inner_state, max_rms=max_rms.astype(FLOAT32),
-        num_clipped=_num_scaled(scales, out))
+      inner_state=inner_state, max_rms=max_rms.astype(FLOAT32), num_clipped=_num_scaled(scales, out)
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ class TruncateTopKState(NamedTuple):
       yet emitted, shaped like the gradient (integer leaves are kept as they
       are and never read); ``None`` without error feedback.
   """
+
   kept_fraction: jax.Array
   dropped_norm: jax.Array
   residual: Any
@@ -43,14 +45,14 @@ def _keep_count(fraction: Any, size: int) -> Any:
   if size == 0:
     return 0
   if not isinstance(fraction, jax.core.Tracer):
-    x = float(fraction) * size
+    exact = float(fraction) * size
     # The guard absorbs the rounding of `fraction * size` (0.1 * 30 is
     # 3.0000000000000004 in floating point, which must give 3, not 4).
-    return min(size, max(1, math.ceil(x - 1e-9 * x)))
-  x = jnp.asarray(fraction, FLOAT32) * size
+    return min(size, max(1, math.ceil(exact - 1e-9 * exact)))
+  traced = jnp.asarray(fraction, FLOAT32) * size
   # Float32 rounding of a traced fraction (0.1 is 0.100000001) needs a
   # wider guard.
-  return jnp.clip(jnp.ceil(x * (1.0 - 1e-6)), 1, size).astype(INT32)
+  return jnp.clip(jnp.ceil(traced * (1.0 - 1e-6)), 1, size).astype(INT32)
 
 
 def _magnitude_bits(x: jax.Array) -> jax.Array:
@@ -60,8 +62,7 @@ def _magnitude_bits(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(jnp.abs(x), UINT32)
 
 
-def _flat_index(shape: tuple[int, ...],
-                split: _tree.LeafSplit | None = None) -> jax.Array:
+def _flat_index(shape: tuple[int, ...], split: _tree.LeafSplit | None = None) -> jax.Array:
   # The row-major position of every entry, built from per-axis iotas so a
   # sharded leaf is never reshaped (a reshape could move data between devices).
   # Inside shard_map (``split``), the position in the whole leaf: each split
@@ -71,39 +72,42 @@ def _flat_index(shape: tuple[int, ...],
   for axis in reversed(range(len(shape))):
     iota = jax.lax.broadcasted_iota(INT32, shape, axis)
     extent = shape[axis]
-    if split is not None and split.dims[axis]:
+    if split is not None and split.dims is not None and split.dims[axis]:
       names = split.dims[axis]
       iota = iota + jax.lax.axis_index(names).astype(INT32) * extent
-      extent *= math.prod(jax.lax.axis_size(a) for a in names)
+      extent *= math.prod(int(jax.lax.axis_size(a)) for a in names)
     index = index + iota * stride
     stride *= extent
   return index
 
 
-class _Whole(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class _Whole:
   """How the threshold search sees whole leaves: identity outside
   ``shard_map``; inside, each leaf's block values reduced over the axes it is
   split on (scalars per leaf), and the blocks' positions in the whole leaf."""
+
   col: _tree.Collective | None
   splits: tuple[_tree.LeafSplit, ...] | None
 
   def sum(self, values: list[jax.Array]) -> jax.Array:
-    if self.col is None:
+    if self.col is None or self.splits is None:
       return jnp.stack(values)
     return jnp.stack(_tree.per_leaf(self.col, values, list(self.splits)))
 
   def max(self, values: list[jax.Array]) -> jax.Array:
-    if self.col is None:
+    if self.col is None or self.splits is None:
       return jnp.stack(values)
     return jnp.stack(_tree.per_leaf(self.col, values, list(self.splits), op="max"))
 
   def size(self, i: int, x: jax.Array) -> int:
-    if self.col is None:
+    if self.col is None or self.splits is None:
       return x.size
-    return x.size * math.prod(jax.lax.axis_size(a) for a in self.splits[i].axes)
+    return x.size * math.prod(int(jax.lax.axis_size(a)) for a in self.splits[i].axes)
 
   def index(self, i: int, x: jax.Array) -> jax.Array:
-    return _flat_index(x.shape, None if self.col is None else self.splits[i])
+    split = None if self.col is None or self.splits is None else self.splits[i]
+    return _flat_index(x.shape, split)
 
 
 def _count(mask: jax.Array) -> jax.Array:
@@ -121,12 +125,17 @@ def _count(mask: jax.Array) -> jax.Array:
 
 def _count_if(active: jax.Array, x: jax.Array, mask_fn: Any) -> jax.Array:
   # A leaf whose search has ended skips its pass over the data (``x``).
-  return jax.lax.cond(active, lambda: _count(mask_fn()),
-                      lambda: _tree.varying_like(jnp.zeros((), INT32), x))
+  return jax.lax.cond(
+    active, lambda: _count(mask_fn()), lambda: _tree.varying_like(jnp.zeros((), INT32), x)
+  )
 
 
-def _thresholds(xs: list[jax.Array], ks: jax.Array,
-                whole: _Whole = _Whole(None, None)) -> tuple[jax.Array, jax.Array]:
+_WHOLE_LEAF = _Whole(None, None)
+
+
+def _thresholds(
+  xs: list[jax.Array], ks: jax.Array, whole: _Whole = _WHOLE_LEAF
+) -> tuple[jax.Array, jax.Array]:
   """Per leaf, the k-th largest magnitude ``t`` and the tie cut-off ``j``.
 
   Leaf ``i`` keeps the entries with magnitude above ``t[i]``, and those equal
@@ -150,8 +159,7 @@ def _search(xs: list[jax.Array], ks: jax.Array, whole: _Whole) -> tuple[jax.Arra
   max_abs = whole.max([jnp.max(jnp.abs(x), initial=0.0) for x in xs])
   squares = whole.sum([jnp.sum(x * x) for x in xs])
   finite = jnp.isfinite(squares)
-  hi = jnp.where(finite, jnp.maximum(_magnitude_bits(max_abs) + 1, jnp.uint32(0x00800000)),
-                 big)
+  hi = jnp.where(finite, jnp.maximum(_magnitude_bits(max_abs) + 1, jnp.uint32(0x00800000)), big)
   # First guess: the magnitude above which a Gaussian of the same RMS has
   # the fraction k / size of its entries.
   tail = ks.astype(FLOAT32) / jnp.maximum(sizes, 1).astype(FLOAT32)
@@ -176,9 +184,12 @@ def _search(xs: list[jax.Array], ks: jax.Array, whole: _Whole) -> tuple[jax.Arra
     use_mid = bisect | too_wide | (guess <= lo) | (guess >= hi)
     cand = jnp.where(use_mid, lo + width // 2, guess)
     active = ~value_done(lo, hi, count_lo)
-    count = whole.sum([
+    count = whole.sum(
+      [
         _count_if(active[i], x, lambda x=x, i=i: _magnitude_bits(x) >= cand[i])
-        for i, x in enumerate(xs)])
+        for i, x in enumerate(xs)
+      ]
+    )
     up = active & (count >= ks)
     down = active & (count < ks)
     lo, count_lo = jnp.where(up, cand, lo), jnp.where(up, count, count_lo)
@@ -192,9 +203,18 @@ def _search(xs: list[jax.Array], ks: jax.Array, whole: _Whole) -> tuple[jax.Arra
     return step + 1, lo, hi, count_lo, count_hi, guess, bisect
 
   _, lo, hi, count_lo, count_hi, _, _ = jax.lax.while_loop(
-      lambda c: ~jnp.all(value_done(c[1], c[2], c[3])), value_step,
-      (jnp.zeros((), INT32), jnp.zeros(n, UINT32), hi, sizes, jnp.zeros(n, INT32),
-       guess, jnp.zeros(n, bool)))
+    lambda c: ~jnp.all(value_done(c[1], c[2], c[3])),
+    value_step,
+    (
+      jnp.zeros((), INT32),
+      jnp.zeros(n, UINT32),
+      hi,
+      sizes,
+      jnp.zeros(n, INT32),
+      guess,
+      jnp.zeros(n, bool),
+    ),
+  )
 
   # Ties at the threshold: keep the first `need` of them in row-major order,
   # the cut-off found by a bisection on the flat index. Zero ties are left
@@ -209,17 +229,21 @@ def _search(xs: list[jax.Array], ks: jax.Array, whole: _Whole) -> tuple[jax.Arra
       j_lo, j_hi = carry
       mid = j_lo + (j_hi - j_lo) // 2
       active = j_hi - j_lo > 1
-      counts = whole.sum([
-          _count_if(active[i], x, lambda x=x, i=i: (_magnitude_bits(x) == lo[i])
-                    & (whole.index(i, x) < mid[i]))
-          for i, x in enumerate(xs)])
+      counts = whole.sum(
+        [
+          _count_if(
+            active[i],
+            x,
+            lambda x=x, i=i: (_magnitude_bits(x) == lo[i]) & (whole.index(i, x) < mid[i]),
+          )
+          for i, x in enumerate(xs)
+        ]
+      )
       enough = counts >= need
-      return (jnp.where(active & ~enough, mid, j_lo),
-              jnp.where(active & enough, mid, j_hi))
+      return (jnp.where(active & ~enough, mid, j_lo), jnp.where(active & enough, mid, j_hi))
 
     start = (jnp.where(ties, 0, sizes - 1), sizes)
-    return jax.lax.while_loop(
-        lambda c: jnp.any(c[1] - c[0] > 1), step, start)[1]
+    return jax.lax.while_loop(lambda c: jnp.any(c[1] - c[0] > 1), step, start)[1]
 
   cut = jax.lax.cond(jnp.any(ties), cutoffs, lambda _: sizes, None)
   return lo, cut
@@ -231,11 +255,11 @@ _thresholds_jit = jax.jit(lambda xs, ks: _search(xs, ks, _Whole(None, None)))
 
 
 def truncate_top_k(
-    fraction: float,
-    *,
-    error_feedback: bool = True,
-    axis_name: Any = None,
-    partition: Any = None,
+  fraction: float,
+  *,
+  error_feedback: bool = True,
+  axis_name: Any = None,
+  partition: Any = None,
 ) -> optax.GradientTransformation:
   r"""Keeps the largest ``fraction`` of each leaf's entries and zeroes the rest.
 
@@ -298,31 +322,35 @@ def truncate_top_k(
   _tree.check_number("fraction", fraction, low=0.0, high=1.0, low_open=True)
   col = _tree.collective("truncate_top_k", axis_name, partition)
   if col is not None and partition is None:
-    raise ValueError("truncate_top_k with axis_name= needs partition= (the "
-                     "gradient's PartitionSpecs), got partition=None.")
+    raise ValueError(
+      "truncate_top_k with axis_name= needs partition= (the "
+      "gradient's PartitionSpecs), got partition=None."
+    )
 
   def init_fn(params: Any) -> TruncateTopKState:
     residual = None
     if error_feedback:
       residual = _tree.map_float(lambda x: jnp.zeros_like(x, dtype=FLOAT32), params)
     return TruncateTopKState(
-        kept_fraction=jnp.zeros((), FLOAT32), dropped_norm=jnp.zeros((), FLOAT32),
-        residual=residual)
+      kept_fraction=jnp.zeros((), FLOAT32), dropped_norm=jnp.zeros((), FLOAT32), residual=residual
+    )
 
-  def update_fn(updates: Any, state: TruncateTopKState, params: Any = None
-                ) -> tuple[Any, TruncateTopKState]:
+  def update_fn(
+    updates: Any, state: TruncateTopKState, params: Any = None
+  ) -> tuple[Any, TruncateTopKState]:
     del params
     if error_feedback:
-      xs_tree = _tree.map_float(lambda g, r: g.astype(FLOAT32) + r,
-                                updates, state.residual)
+      xs_tree = _tree.map_float(lambda g, r: g.astype(FLOAT32) + r, updates, state.residual)
     else:
       xs_tree = _tree.map_float(lambda g: g.astype(FLOAT32), updates)
     xs = _tree.float_leaves(xs_tree)
     if not xs:
       return updates, state._replace(
-          kept_fraction=jnp.zeros((), FLOAT32), dropped_norm=jnp.zeros((), FLOAT32))
-    whole = _Whole(col, None if col is None else tuple(
-        _tree.leaf_splits(col, updates, floats_only=True)))
+        kept_fraction=jnp.zeros((), FLOAT32), dropped_norm=jnp.zeros((), FLOAT32)
+      )
+    whole = _Whole(
+      col, None if col is None else tuple(_tree.leaf_splits(col, updates, floats_only=True))
+    )
     sizes = [whole.size(i, x) for i, x in enumerate(xs)]
     ks_list = [_keep_count(fraction, size) for size in sizes]
     ks = jnp.stack([jnp.asarray(k, INT32) for k in ks_list])
@@ -354,13 +382,15 @@ def truncate_top_k(
     dropped_tree = jax.tree.unflatten(treedef, dropped)
     residual = None
     if error_feedback:
-      residual = jax.tree.map(lambda d, r: d if _tree.is_float(d) else r,
-                              dropped_tree, state.residual)
+      residual = jax.tree.map(
+        lambda d, r: d if _tree.is_float(d) else r, dropped_tree, state.residual
+      )
     total = sum(sizes)
     kept = sum(jnp.asarray(k, FLOAT32) for k in ks_list) / max(total, 1)
     return jax.tree.unflatten(treedef, outs), TruncateTopKState(
-        kept_fraction=jnp.asarray(kept, FLOAT32),
-        dropped_norm=_norms.global_norm(dropped_tree, col),
-        residual=residual)
+      kept_fraction=jnp.asarray(kept, FLOAT32),
+      dropped_norm=_norms.global_norm(dropped_tree, col),
+      residual=residual,
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -507,3 +507,10 @@ def test_skip_spikes_rings_keep_turning_past_int32_max(jit):
   # A skip at the saturated total keeps it there, never negative.
   _, state = update({"w": jnp.array([jnp.inf])}, state, loss=jnp.float32(1.0))
   assert int(state.num_skipped) == INT32_MAX and int(state.skipped) == 1
+
+
+def test_skip_spikes_says_a_loss_must_be_a_scalar():
+  tx = gc.skip_spikes(optax.identity(), min_history=1)
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(ValueError, match=r"loss= must be a scalar .* got shape \(4,\)"):
+    tx.update(params, tx.init(params), loss=jnp.ones(4))

@@ -361,3 +361,76 @@ def test_bad_thresholds_raise(kwargs, message):
     gc.monitor(**kwargs)
   with pytest.raises(ValueError, match=message):
     gc.report({"w": jnp.ones(2)}, **kwargs)
+
+
+# --- wrong objects fail loudly; stats picks keys (issue 16 items 7 and 8) ----
+
+class _TinyMLP(nnx.Module):
+  def __init__(self):
+    self.dense = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+  def __call__(self, x):
+    return self.dense(x)
+
+
+def test_stats_and_report_refuse_a_model():
+  model = _TinyMLP()
+  with pytest.raises(ValueError, match=r"stats\(\) got a Flax model \(_TinyMLP\)"):
+    gc.stats(model)
+  with pytest.raises(ValueError, match=r"report\(\) got a Flax model .*nnx.grad"):
+    gc.report(model)
+
+
+@pytest.mark.parametrize("state", [
+    optax.adam(1e-3).init({"w": jnp.ones(2)}), {"w": jnp.ones(2)}, None, 3.0],
+    ids=["optax_adam", "gradients", "none", "number"])
+def test_stats_refuses_what_holds_no_gradcal_state(state):
+  with pytest.raises(ValueError, match="found no gradcal_jax state"):
+    gc.stats(state)
+
+
+def _layer_stack_state(b=5.0):
+  grads = {"a": {"kernel": jnp.full((2, 2), 3.0), "bias": jnp.full((2,), 4.0)},
+           "b": {"kernel": jnp.full((2, 2), b)}}
+  tx = optax.chain(gc.monitor(), gc.clip_by_layer_norm(1.0))
+  _, state = tx.update(grads, tx.init(grads))
+  return state
+
+
+def test_stats_per_leaf_summary_and_none():
+  state = _layer_stack_state()
+  every = gc.stats(state)
+  assert "monitor/leaf_norms/a/kernel" in every
+  summary = gc.stats(state, per_leaf="summary")
+  assert not any(k.startswith("monitor/leaf_norms/a") for k in summary)
+  assert float(summary["monitor/leaf_norms/max"]) == pytest.approx(10.0)  # b/kernel
+  assert float(summary["monitor/leaf_norms/min"]) == pytest.approx(np.sqrt(32.0))  # a/bias
+  with_nan = gc.stats(_layer_stack_state(b=jnp.nan), per_leaf="summary")
+  assert np.isnan(with_nan["monitor/leaf_norms/max"])
+  assert np.isnan(with_nan["monitor/leaf_norms/min"])
+  none = gc.stats(state, per_leaf="none")
+  scalars = {k: v for k, v in every.items() if k.count("/") == 1}
+  assert none.keys() == scalars.keys() and "monitor/norm" in none
+  assert set(none) <= set(summary)
+  with pytest.raises(ValueError, match="per_leaf must be one of"):
+    gc.stats(state, per_leaf="mean")
+
+
+def test_stats_include_patterns_keep_the_order():
+  state = _layer_stack_state()
+  every = gc.stats(state)
+  picked = gc.stats(state, include="*/norm")
+  assert list(picked) == [k for k in every if k.endswith("/norm") and k.count("/") == 1]
+  assert picked.keys() == {"monitor/norm"}
+  both = gc.stats(state, include=["monitor/max_abs", "clip_by_layer_norm/*"])
+  assert list(both) == [k for k in every
+                        if k == "monitor/max_abs" or k.startswith("clip_by_layer_norm/")]
+
+
+def test_report_other_statistics_follow_the_order_of_stats():
+  grads = {"w": jnp.array([3.0, 4.0])}
+  tx = optax.chain(gc.clip_by_global_norm(1.0), gc.zclip(), optax.sgd(0.1))
+  _, state = tx.update(grads, tx.init(grads))
+  lines = gc.report(state).splitlines()
+  listed = [line.split(" = ")[0] for line in lines if " = " in line]
+  assert listed == list(gc.stats(state))
