@@ -64,6 +64,7 @@ FAMILIES = {
   "checking": "Gradient checking",
   "monitoring": "Monitoring and statistics",
   "log": "Logging",
+  "nnx_utils": "Flax NNX recipes",
 }
 
 

@@ -37,6 +37,7 @@ from gradcal_jax.clipping import (
 from gradcal_jax.log import log_stats
 from gradcal_jax.loss_scaling import DynamicLossScaleState, dynamic_loss_scale, loss_scale
 from gradcal_jax.monitoring import MonitorState, monitor, report, stats
+from gradcal_jax.nnx_utils import nnx_value_fn
 from gradcal_jax.spikes import (
   AdaGCState,
   ClipUpdateRMSState,
@@ -86,6 +87,7 @@ __all__ = [
   "log_stats",
   "loss_scale",
   "monitor",
+  "nnx_value_fn",
   "report",
   "skip_spikes",
   "spam",

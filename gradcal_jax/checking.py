@@ -877,6 +877,36 @@ def _found_rounding(results: dict[str, Any]) -> str | None:
 # ------------------------------------------------------------- gradient_check
 
 
+_NNX_HINT = (
+  "gradient_check's value_fn {what}. It is evaluated many times inside the "
+  "optimizer's update (under jit, vmap and lax.cond), so it must be a pure "
+  "function of the params it is given: build it with "
+  "gc.nnx_value_fn(loss_fn, model, *batch) before taking the gradient, which "
+  "evaluates a copy of the model with those params and the model's RNG counts "
+  "and batch statistics as the gradient saw them."
+)
+
+
+def _value_shape(value_fn: Callable[[Any], jax.Array], params: Any) -> Any:
+  """``jax.eval_shape(value_fn, params)``, with our message for the two ways a
+  value function written over a live Flax model fails."""
+  try:
+    return jax.eval_shape(value_fn, params)
+  except Exception as e:
+    if type(e).__name__ == "TraceContextError":
+      raise ValueError(
+        _NNX_HINT.format(
+          what="mutates a Flax model from outside its trace (Dropout's "
+          "RNG or BatchNorm's statistics in train mode)"
+        )
+      ) from e
+    if "no rngs" in str(e) or "rngs argument" in str(e):
+      raise ValueError(
+        _NNX_HINT.format(what="runs a Dropout in train mode without its RNG state")
+      ) from e
+    raise
+
+
 def _check_in_step(
   checking: jax.Array,
   updates: Any,
@@ -923,7 +953,7 @@ def _check_in_step(
   wide_leaves = [
     x.astype(jnp.promote_types(x.dtype, FLOAT32)) if _tree.is_float(x) else x for x in leaves
   ]
-  loss = jax.eval_shape(value_fn, jax.tree.unflatten(treedef, wide_leaves))
+  loss = _value_shape(value_fn, jax.tree.unflatten(treedef, wide_leaves))
   out_eps = _eps(jnp.promote_types(loss.dtype, jnp.float16))
   step_eps = [max(_eps(wide_leaves[i].dtype), out_eps) for i in checked]
   grad_eps = [

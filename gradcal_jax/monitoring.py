@@ -268,8 +268,10 @@ def stats(
     :func:`report`'s last section).
 
   Raises:
-    ValueError: when ``opt_state`` holds no gradcal_jax state, is a Flax
-      model, or ``per_leaf`` is not one of the three.
+    ValueError: when ``opt_state`` holds no optimizer state at all
+      (gradients, params, ``None``), is a Flax model, or ``per_leaf`` is not
+      one of the three. An optax state without gradcal_jax transforms gives
+      ``{}`` (a baseline in a loop over optimizers).
 
   Example:
     >>> import jax.numpy as jnp, optax, gradcal_jax as gc
@@ -280,12 +282,12 @@ def stats(
     5.0
   """
   tree = _optax_state(opt_state, "stats")
-  if next(_stats.named_states(tree), None) is None:
+  if not _is_optimizer_state(tree):
     raise ValueError(
-      "stats() found no gradcal_jax state in what it was given "
-      f"({type(opt_state).__name__}): pass the optax state of a chain that holds a "
-      "gradcal_jax transform recording statistics (monitor, a clipper, zclip, "
-      "skip_spikes, ...; centralize records none), or the nnx.Optimizer holding it."
+      "stats() found no optimizer state in what it was given "
+      f"({type(opt_state).__name__}; gradients or params?): pass the optax state of "
+      "a chain holding gradcal_jax transforms (monitor, a clipper, zclip, "
+      "skip_spikes, ...), or the nnx.Optimizer holding it."
     )
   if per_leaf not in _stats.PER_LEAF:
     raise ValueError(f"per_leaf must be one of {_stats.PER_LEAF}, got {per_leaf!r}.")

@@ -45,3 +45,19 @@ def test_readme_shard_map_example_gives_the_jit_norm():
   want = float(jnp.sqrt(sum(jnp.sum(x * x) for x in grads.values())))
   got = float(namespace["gc"].stats(namespace["state"])["clip_by_global_norm/norm"])
   assert abs(got - want) < 1e-5 * want
+
+
+def test_readme_nnx_optimizer_recipes_run_after_the_usage_example():
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+  assert len(blocks) >= 4, "README.md has no nnx.Optimizer recipes"
+  namespace: dict = {}
+  with contextlib.redirect_stdout(io.StringIO()):
+    for block in (blocks[0], blocks[3]):
+      exec(compile(block, str(README), "exec"), namespace)
+  gc = namespace["gc"]
+  micro = gc.stats(namespace["micro"])
+  assert int(micro["accumulate/inner_steps"]) == 1
+  found = gc.stats(namespace["optimizer"])
+  assert int(found["gradient_check/steps_checked"]) == 1
+  assert int(found["gradient_check/failures"]) == 0
+  assert int(found["skip_spikes/skipped"]) == 0
