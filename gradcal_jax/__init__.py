@@ -36,7 +36,7 @@ from gradcal_jax.clipping import (
 )
 from gradcal_jax.log import log_stats
 from gradcal_jax.loss_scaling import DynamicLossScaleState, dynamic_loss_scale, loss_scale
-from gradcal_jax.monitoring import MonitorState, monitor, report, stats
+from gradcal_jax.monitoring import MonitorState, leaf_paths, monitor, report, stats
 from gradcal_jax.nnx_utils import nnx_value_fn
 from gradcal_jax.spikes import (
   AdaGCState,
@@ -84,6 +84,7 @@ __all__ = [
   "clip_weights",
   "dynamic_loss_scale",
   "gradient_check",
+  "leaf_paths",
   "log_stats",
   "loss_scale",
   "monitor",

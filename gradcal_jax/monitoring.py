@@ -405,11 +405,33 @@ def _is_optimizer_state(tree: Any) -> bool:
   return False
 
 
+def leaf_paths(tree: Any) -> list[str]:
+  """Each leaf's path (``"dense/kernel"``), in ``jax.tree.leaves(tree)`` order.
+
+  ``gradient_check/worst_leaf`` is an index in that order:
+  ``gc.leaf_paths(params)[int(stats["gradient_check/worst_leaf"])]`` names the
+  leaf (a Flax NNX Variable's ``.value`` is dropped from the path).
+
+  Args:
+    tree: the params (or any pytree of the same structure).
+
+  Returns:
+    One path string per leaf.
+
+  Example:
+    >>> import jax.numpy as jnp, gradcal_jax as gc
+    >>> gc.leaf_paths({"dense": {"kernel": jnp.ones(2), "bias": jnp.ones(1)}})
+    ['dense/bias', 'dense/kernel']
+  """
+  return [_layer_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def report(
   opt_state_or_grads: Any,
   *,
   vanishing_below: float | None = None,
   exploding_above: float | None = None,
+  params: Any = None,
 ) -> str:
   """A table a person reads: each layer's gradient norm, worst layers first.
 
@@ -433,6 +455,8 @@ def report(
       1e-7 for gradients.
     exploding_above: the exploding threshold; default: each monitor's own, or
       1e3 for gradients.
+    params: the params, optional: ``gradient_check/worst_leaf`` is then
+      followed by the leaf's path (see :func:`leaf_paths`).
 
   Returns:
     The report as a multi-line string.
@@ -473,8 +497,16 @@ def report(
         "the chain to see per-layer gradient norms"
       ]
     )
+  paths = None if params is None else leaf_paths(params)
+
+  def line(key: str, value: Any) -> str:
+    text = f"{key} = {_format(value)}"
+    if paths is not None and key.endswith("/worst_leaf") and 0 <= int(value) < len(paths):
+      text += f" ({paths[int(value)]})"
+    return text
+
   others = [
-    f"{key} = {_format(value)}"
+    line(key, value)
     for key, value in _stats.collect(tree).items()
     if key.split("/", 1)[0] not in monitors
   ]

@@ -439,3 +439,19 @@ def test_report_other_statistics_follow_the_order_of_stats():
   lines = gc.report(state).splitlines()
   listed = [line.split(" = ")[0] for line in lines if " = " in line]
   assert listed == list(gc.stats(state))
+
+
+def test_worst_leaf_maps_to_a_path_in_stats_and_report():
+  params = {"dense": {"kernel": jnp.array([1.0, 2.0]), "bias": jnp.array([0.5])}}
+  loss = lambda p: jnp.sum(p["dense"]["kernel"] ** 2) + jnp.sum(p["dense"]["bias"] ** 2)
+  grads = jax.grad(loss)(params)
+  grads = {"dense": {"kernel": 3.0 * grads["dense"]["kernel"], "bias": grads["dense"]["bias"]}}
+  tx = gc.gradient_check(every_k=1)
+  _, state = tx.update(grads, tx.init(params), params, value_fn=loss)
+  worst = int(gc.stats(state)["gradient_check/worst_leaf"])
+  assert gc.leaf_paths(params) == ["dense/bias", "dense/kernel"]
+  assert gc.leaf_paths(params)[worst] == "dense/kernel"
+  assert f"gradient_check/worst_leaf = {worst} (dense/kernel)" in gc.report(state, params=params)
+  assert f"gradient_check/worst_leaf = {worst}\n" in gc.report(state) + "\n"
+  model_state = nnx.state(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), nnx.Param)
+  assert gc.leaf_paths(model_state) == ["bias", "kernel"]
