@@ -618,3 +618,55 @@ def test_orbax_checkpoint_resume_continues_exactly(case, tmp_path):
   assert jax.tree.structure(restored["opt_state"]) == jax.tree.structure(state)
   _, _, got = steps(restored["params"], restored["opt_state"], 3, 6)
   chex.assert_trees_all_equal(got, expect)
+
+
+# ---------------------------------------------------------------------------
+# 10. Logged and named from inside jit
+
+
+def test_log_stats_hands_every_transforms_statistics_to_the_writer(case):
+  # gc.log_stats inside the jitted step gives the writer what gc.stats gives,
+  # keys in the same order, on the steps asked for only.
+  tx = case.build()
+  params = _tree(seed=1)
+  logged = []
+
+  @jax.jit
+  def step(t, grads, state):
+    _, state = tx.update(grads, state, params, **case.extra(grads, params))
+    gc.log_stats(state, t, lambda s, v: logged.append((s, v)), every=2)
+    return state
+
+  state = tx.init(params)
+  expected = {}
+  for t in range(3):
+    state = step(t, _grads_at(t), state)
+    if t % 2 == 0:
+      expected[t] = {k: np.asarray(v) for k, v in gc.stats(state).items()}
+  jax.effects_barrier()
+  assert [s for s, _ in logged] == [0, 2]
+  for s, values in logged:
+    assert list(values) == list(expected[s])
+    chex.assert_trees_all_equal(values, expected[s])
+
+
+def test_leaf_paths_name_every_leaf_in_the_order_of_jax_tree_leaves():
+  params = _tree(seed=1)
+  paths = gc.leaf_paths(params)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  assert len(paths) == len(jax.tree.leaves(params)) == len(flat)
+  assert paths == ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
+
+
+def test_nnx_value_fn_is_the_loss_of_the_params_it_is_given():
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  x = jnp.arange(6.0).reshape(2, 3)
+  loss_fn = lambda m, x: jnp.sum(m(x) ** 2)
+  value_fn = gc.nnx_value_fn(loss_fn, model, x)
+  params = nnx.state(model, nnx.Param)
+  doubled = jax.tree.map(lambda p: 2.0 * p, params)
+  # A reference written by hand: y = x W + b.
+  w, b = params["kernel"][...], params["bias"][...]
+  assert float(value_fn(params)) == pytest.approx(float(jnp.sum((x @ w + b) ** 2)), rel=1e-6)
+  assert float(value_fn(doubled)) == pytest.approx(4.0 * float(value_fn(params)), rel=1e-6)
+  assert float(loss_fn(model, x)) == pytest.approx(float(value_fn(params)), rel=1e-6)
