@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gradcal_jax import _tree
@@ -82,4 +83,4 @@ def log_stats(
   def run() -> None:
     jax.debug.callback(emit, step, [values[k] for k in keys])
 
-  jax.lax.cond(jax.numpy.asarray(step) % every == 0, run, lambda: None)
+  jax.lax.cond(jnp.asarray(step) % every == 0, run, lambda: None)
