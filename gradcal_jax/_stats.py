@@ -53,6 +53,21 @@ def path_str(path: tuple[Any, ...]) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def leaf_path(path: tuple[Any, ...]) -> str:
+  """:func:`path_str` without the final ``.value`` of a Flax NNX Variable.
+
+  An NNX ``State`` ends every leaf's path with its Variable's ``value``; a
+  final ``value`` key is dropped when it is that attribute, or when a parent
+  path remains (a lone dict key ``"value"`` stays).
+  """
+  if path:
+    last = path[-1]
+    name = getattr(last, "name", getattr(last, "key", None))
+    if name == "value" and (len(path) > 1 or isinstance(last, jax.tree_util.GetAttrKey)):
+      path = path[:-1]
+  return path_str(path)
+
+
 def _is_node(x: Any) -> bool:
   return isinstance(x, (tuple, list, dict)) or (hasattr(x, "items") and callable(x.items))
 

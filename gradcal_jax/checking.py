@@ -590,13 +590,6 @@ class GradCheckReport:
     raise GradientCheckError("\n".join(lines))
 
 
-def _leaf_path(path: tuple[Any, ...]) -> str:
-  """``"dense/kernel"``; a Flax NNX variable's final ``.value`` is dropped."""
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-    path = path[:-1]
-  return _stats.path_str(path)
-
-
 def _is_static(x: Any) -> bool:
   return not isinstance(x, (jax.Array, np.ndarray, np.generic))
 
@@ -824,7 +817,7 @@ def check_gradients(
   positions = tuple(i for i, leaf in enumerate(flat) if not _is_static(leaf))
   static = tuple(None if i in positions else leaf for i, leaf in enumerate(flat))
   checked = [
-    (_leaf_path(path), int(leaf.size))
+    (_stats.leaf_path(path), int(leaf.size))
     for path, leaf in jax.tree_util.tree_flatten_with_path(args[argnums])[0]
     if _tree.is_float(leaf) and leaf.size
   ]

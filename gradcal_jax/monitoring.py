@@ -303,12 +303,6 @@ _NONFINITE, _EXPLODING, _VANISHING, _OK = range(4)
 _FLAGS = {_NONFINITE: "non-finite", _EXPLODING: "exploding", _VANISHING: "vanishing", _OK: "ok"}
 
 
-def _layer_path(path: tuple[Any, ...]) -> str:
-  # A Flax NNX State ends every path with its Variable's `.value`.
-  text = _stats.path_str(path)
-  return text.removesuffix("/value") if text != "value" else text
-
-
 def _rows(
   norms: list[tuple[str, str, float]], low: float, high: float
 ) -> list[tuple[str, str, float, str]]:
@@ -359,7 +353,9 @@ def _report_grads(grads: Any, low: float, high: float) -> list[str]:
   leaf_norms, _, norm, max_abs, nonfinite = jax.device_get(
     _gradient_summary([x for _, x in leaves])
   )
-  norms = [(_layer_path(p), str(tuple(x.shape)), float(n)) for (p, x), n in zip(leaves, leaf_norms)]
+  norms = [
+    (_stats.leaf_path(p), str(tuple(x.shape)), float(n)) for (p, x), n in zip(leaves, leaf_norms)
+  ]
   rows = _rows(norms, low, high)
   summary = [
     f"global norm {float(norm):.3e}, max |entry| {float(max_abs):.3e}, "
@@ -375,7 +371,7 @@ def _report_monitor(
   low = float(state.vanishing_below) if low is None else low
   high = float(state.exploding_above) if high is None else high
   norms = [
-    (_layer_path(p), "", float(n))
+    (_stats.leaf_path(p), "", float(n))
     for p, n in jax.tree_util.tree_flatten_with_path(state.leaf_norms)[0]
   ]
   rows = _rows(norms, low, high)
@@ -423,7 +419,7 @@ def leaf_paths(tree: Any) -> list[str]:
     >>> gc.leaf_paths({"dense": {"kernel": jnp.ones(2), "bias": jnp.ones(1)}})
     ['dense/bias', 'dense/kernel']
   """
-  return [_layer_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [_stats.leaf_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def report(
