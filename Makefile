@@ -29,12 +29,12 @@ ARGS ?=
 demo: $(STAMP)
 	$(BIN)/python -m gradcal_jax $(ARGS)
 
-# The notebooks run in a second, serial pytest: two Jupyter kernels starting
-# at once on pytest-xdist workers can race for the same ZMQ port (seen in CI:
-# "Address already in use", kernel died).
+# One pytest run: the tests, the docstring examples and the notebooks
+# (tests/test_notebooks.py runs each in a process of its own, no Jupyter
+# kernel, so they share the workers). worksteal keeps both cores busy to the
+# end when a long test (notebook 07, the two-process run) lands late.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(JOBS) tests --doctest-modules gradcal_jax
-	$(BIN)/python -m pytest -q --nbmake notebooks
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal tests --doctest-modules gradcal_jax
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

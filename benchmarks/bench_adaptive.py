@@ -6,7 +6,8 @@ scale it, like ``optax.clip_by_global_norm``; on top of that autoclip sorts its
 ``skip_spikes(adam)`` is timed on an accepted step (Adam runs inside a
 ``lax.cond``) against plain Adam, and on a skipped step (a NaN gradient: only
 the zero updates are written) in a row of its own. The safety stack
-``chain(monitor, zclip, skip_spikes(adam))`` is set against optax's usual
+``chain(monitor, zclip, skip_spikes(adam))`` and the same stack as one
+transform, ``guard(adam)``, are set against optax's usual
 ``chain(clip_by_global_norm, adam)``, alone and in a donated training step.
 """
 
@@ -31,14 +32,15 @@ def rows(sizes: list[int]) -> list[_harness.Row]:
     out.extend(_harness.guard_rows(
         "skip_spikes(adam)", gc.skip_spikes(optax.adam(1e-3)), grads, float("nan"),
         "accepted", "skipped"))
-    out.extend(_stack_rows(grads))
+    out.extend(_stack_rows(
+        "chain(monitor, zclip, skip_spikes(adam))",
+        optax.chain(gc.monitor(), gc.zclip(), gc.skip_spikes(optax.adam(1e-3))), grads))
+    out.extend(_stack_rows("guard(adam)", gc.guard(optax.adam(1e-3)), grads))
   return out
 
 
-def _stack_rows(grads) -> list[_harness.Row]:
-  name = "chain(monitor, zclip, skip_spikes(adam))"
+def _stack_rows(name: str, stack: optax.GradientTransformation, grads) -> list[_harness.Row]:
   ref_name = "chain(clip_by_global_norm, adam)"
-  stack = optax.chain(gc.monitor(), gc.zclip(), gc.skip_spikes(optax.adam(1e-3)))
   ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
   update_row = _harness.compare(name, stack, ref_name, ref, grads,
                                 note="the safety stack, one update")

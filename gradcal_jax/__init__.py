@@ -34,6 +34,7 @@ from gradcal_jax.clipping import (
   clip_by_value,
   clip_weights,
 )
+from gradcal_jax.guard import GuardState, guard
 from gradcal_jax.log import log_stats
 from gradcal_jax.loss_scaling import DynamicLossScaleState, dynamic_loss_scale, loss_scale
 from gradcal_jax.monitoring import MonitorState, leaf_paths, monitor, report, stats
@@ -65,6 +66,7 @@ __all__ = [
   "GradCheckRow",
   "GradientCheckError",
   "GradientCheckState",
+  "GuardState",
   "MonitorState",
   "SkipSpikesState",
   "SpamState",
@@ -84,6 +86,7 @@ __all__ = [
   "clip_weights",
   "dynamic_loss_scale",
   "gradient_check",
+  "guard",
   "leaf_paths",
   "log_stats",
   "loss_scale",

@@ -17,11 +17,14 @@ from gradcal_jax._tree import (
   FLOAT32,
   Collective,
   add_up,
+  cond,
+  copies_apart,
   float_leaves,
   is_float,
   leaf_splits,
   per_leaf,
   psum_over,
+  scale_leaf,
   sum_over_leaves,
 )
 
@@ -98,7 +101,7 @@ def rescued_norm(
   if not RESCUE_NORMS:
     return safe_sqrt(squares)
   scale = _rescue_scale(squares, zero_is_exact)
-  return jax.lax.cond(
+  return cond(
     jnp.any(scale != 1.0), lambda: safe_sqrt(again(scale)) / scale, lambda: safe_sqrt(squares)
   )
 
@@ -120,7 +123,9 @@ def combine_norms(norms: Any) -> jax.Array:
   )
 
 
-def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
+def global_norm(
+  tree: Any, col: Collective | None = None, *, scale: jax.Array | None = None
+) -> jax.Array:
   """The L2 norm of every floating leaf of ``tree`` together, in float32.
 
   A float16 gradient whose norm exceeds 65504 still gets its true norm, a
@@ -128,11 +133,21 @@ def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
   entries of 1e-25 do not vanish (see :func:`rescued_norm`). An empty tree
   has norm 0. With ``col``, the norm of the whole gradient inside
   ``shard_map`` (one scalar ``psum`` per distinct way of splitting leaves).
+
+  With ``scale``, the norm of ``scale_tree(tree, scale)`` (each leaf times
+  the float32 scalar, rounded back to its dtype: a clipped gradient), bit
+  for bit, without writing that tree out: each sum reads the leaf and
+  scales it on the way, the redo too.
   """
   floats = float_leaves(tree)
   if not floats:
     return jnp.zeros((), FLOAT32)
-  squares = [sum_of_squares(x) for x in floats]
+  if scale is None:
+    view = lambda: floats
+  else:
+    copies = copies_apart(scale, len(floats))
+    view = lambda: [scale_leaf(x, c) for x, c in zip(floats, copies)]
+  squares = [sum_of_squares(x) for x in view()]
   splits = None if col is None else leaf_splits(col, tree, floats_only=True)
   if col is None or splits is None:
     total = add_up(squares)
@@ -144,16 +159,17 @@ def global_norm(tree: Any, col: Collective | None = None) -> jax.Array:
   def redo() -> jax.Array:
     # Each leaf with its own scale (from its own sum: one shared scale would
     # be one broadcast that XLA:CPU materializes for every leaf of a shape),
-    # the leaf norms combined without overflow.
+    # the leaf norms combined without overflow. The leaves are viewed again
+    # here, so a scaled tree is rebuilt from ``tree`` inside the branch.
     whole = squares if col is None or splits is None else per_leaf(col, squares, splits)
     norms = []
-    for i, (x, q) in enumerate(zip(floats, whole)):
+    for i, (x, q) in enumerate(zip(view(), whole)):
       c = _rescue_scale(q)
       axes = () if splits is None else splits[i].axes
       norms.append(safe_sqrt(psum_over(sum_of_squares(x, c), axes)) / c)
     return combine_norms(norms)
 
-  return jax.lax.cond(_rescue_scale(total) != 1.0, redo, lambda: safe_sqrt(total))
+  return cond(_rescue_scale(total) != 1.0, redo, lambda: safe_sqrt(total))
 
 
 def norm_from_squares(squares: jax.Array, x: jax.Array, axes: tuple[str, ...] = ()) -> jax.Array:

@@ -312,7 +312,7 @@ def accumulate(
         _tree.leaf_splits(col, updates, floats_only=True),
       )
 
-    mean_square = jax.lax.cond(
+    mean_square = _tree.cond(
       boundary & (positive >= 2), means_square, lambda xs: jnp.zeros((), FLOAT32), means
     )
     trace, signal, estimated = _noise_estimates(square_sum, positive, total, mean_square)

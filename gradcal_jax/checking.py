@@ -1006,7 +1006,7 @@ def _check_in_step(
       jnp.zeros((len(checked), num_directions), FLOAT32),
     )
 
-  f, t, f0, rounding = jax.lax.cond(checking, evaluate, no_values)
+  f, t, f0, rounding = _tree.cond(checking, evaluate, no_values)
   # Steps are norms, never negative (zero when not checking, NaN compares
   # false), so every update is selected as it is, bit for bit; XLA, which
   # cannot know that, runs the first half before the updates are used.
@@ -1050,7 +1050,7 @@ def _check_in_step(
       [errors[worst], jnp.asarray(checked, FLOAT32)[worst], jnp.max(severity).astype(FLOAT32)]
     )
 
-  return jax.lax.cond(checking, compare, _no_check_result), updates
+  return _tree.cond(checking, compare, _no_check_result), updates
 
 
 def _no_check_result() -> jax.Array:

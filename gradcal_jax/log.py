@@ -83,4 +83,4 @@ def log_stats(
   def run() -> None:
     jax.debug.callback(emit, step, [values[k] for k in keys])
 
-  jax.lax.cond(jnp.asarray(step) % every == 0, run, lambda: None)
+  _tree.cond(jnp.asarray(step) % every == 0, run, lambda: None)

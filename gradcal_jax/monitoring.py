@@ -15,8 +15,9 @@ import optax
 
 from gradcal_jax import _norms, _stats, _tree
 
-_VANISHING_BELOW = 1e-7
-_EXPLODING_ABOVE = 1e3
+# monitor's default thresholds on a leaf's L2 norm (guard's too).
+VANISHING_BELOW = 1e-7
+EXPLODING_ABOVE = 1e3
 
 
 @_stats.register_state(
@@ -84,16 +85,39 @@ def _max_abs(largest: jax.Array, norm: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(norm), jnp.nan, largest)
 
 
-def _summary(
-  tree: Any, col: _tree.Collective | None = None
-) -> tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Per-leaf norms (None for non-gradient leaves), their vector, the global
-  norm (from the leaf norms: no second pass), the largest |entry| and the
-  number of non-finite entries. With ``col``, of the whole leaves that
-  ``shard_map``'s blocks make up (scalar collectives only)."""
-  leaves, treedef = jax.tree.flatten(tree)
+def count_nonfinite(tree: Any, col: _tree.Collective | None = None) -> jax.Array:
+  """The number of NaN or infinite entries of ``tree``'s floating leaves
+  (int32); with ``col``, of the whole leaves that ``shard_map``'s blocks make
+  up. A pass of its own: :func:`monitor` runs it only when the global norm
+  says there is something to count, :func:`gradcal_jax.guard` only on held
+  steps."""
+  leaves = _tree.float_leaves(tree)
+  counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves]
+  if col is None or not counts:
+    return sum(counts, jnp.zeros((), jnp.int32))
+  return _tree.sum_over_leaves(col, counts, _tree.leaf_splits(col, tree, floats_only=True))
+
+
+def observe(
+  updates: Any,
+  state: MonitorState,
+  low: jax.Array,
+  high: jax.Array,
+  col: _tree.Collective | None = None,
+  *,
+  count: bool = True,
+) -> MonitorState:
+  """:func:`monitor`'s state after it saw ``updates``: per-leaf norms, the
+  global norm (from the leaf norms: no second pass), the largest |entry|,
+  the leaves below ``low`` and above ``high``. With ``col``, of the whole
+  leaves that ``shard_map``'s blocks make up (scalar collectives only).
+
+  With ``count=False`` the non-finite count is left at 0 for the caller to
+  fill (``_replace(nonfinite=...)``), as :func:`gradcal_jax.guard` does.
+  """
+  leaves, treedef = jax.tree.flatten(updates)
   index = [i for i, x in enumerate(leaves) if _is_gradient(x)]
-  splits = _tree.leaf_splits(col, tree) if col is not None else None
+  splits = _tree.leaf_splits(col, updates) if col is not None else None
   squares = [_norms.sum_of_squares(leaves[i]) for i in index]
   maxima = [jnp.max(jnp.abs(leaves[i]), initial=0).astype(_tree.FLOAT32) for i in index]
   if col is not None and splits is not None:
@@ -104,28 +128,59 @@ def _summary(
   for i, q in zip(index, squares):
     axes = () if splits is None else splits[i].axes
     per_leaf[i] = _norms.norm_from_squares(q, leaves[i], axes)
-  leaf_norms = jax.tree.unflatten(treedef, per_leaf)
   norm_list = [per_leaf[i] for i in index]
   norm = _norms.combine_norms(norm_list)
   norms = jnp.stack(norm_list) if norm_list else jnp.zeros((0,), _tree.FLOAT32)
-
-  def count() -> jax.Array:
-    counts = [jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves if _tree.is_float(x)]
-    if col is None or not counts:
-      return sum(counts, jnp.zeros((), jnp.int32))
-    return _tree.sum_over_leaves(col, counts, _tree.leaf_splits(col, tree, floats_only=True))
-
-  # A finite global norm proves every entry finite: skip the count then. The
-  # norm is global, so every device takes the same branch.
-  nonfinite = jax.lax.cond(jnp.isfinite(norm), lambda: jnp.zeros((), jnp.int32), count)
+  nonfinite = jnp.zeros((), jnp.int32)
+  if count:
+    # A finite global norm proves every entry finite: skip the count then.
+    # The norm is global, so every device takes the same branch.
+    nonfinite = _tree.cond(
+      jnp.isfinite(norm), lambda: nonfinite, lambda: count_nonfinite(updates, col)
+    )
   maxima = [_max_abs(m, per_leaf[i]) for i, m in zip(index, maxima)]
-  max_abs = _tree.nan_max(jnp.stack(maxima) if maxima else jnp.zeros((0,), _tree.FLOAT32))
-  return leaf_norms, norms, norm, max_abs, nonfinite
+  return MonitorState(
+    count=optax.safe_increment(state.count),
+    norm=norm,
+    leaf_norms=jax.tree.unflatten(treedef, per_leaf),
+    max_abs=_tree.nan_max(jnp.stack(maxima) if maxima else jnp.zeros((0,), _tree.FLOAT32)),
+    nonfinite=nonfinite,
+    vanishing=jnp.sum(norms < low, dtype=jnp.int32),
+    exploding=jnp.sum(norms > high, dtype=jnp.int32),
+    vanishing_below=low,
+    exploding_above=high,
+  )
+
+
+def _fresh_state(params: Any, low: jax.Array, high: jax.Array) -> MonitorState:
+  """:func:`monitor`'s state before any update: every statistic zero."""
+  # One array per field: fields sharing a buffer cannot be donated.
+  zero_f = lambda: jnp.zeros((), _tree.FLOAT32)
+  zero_i = lambda: jnp.zeros((), jnp.int32)
+  return MonitorState(
+    count=zero_i(),
+    norm=zero_f(),
+    leaf_norms=jax.tree.map(lambda x: zero_f() if _is_gradient(x) else None, params),
+    max_abs=zero_f(),
+    nonfinite=zero_i(),
+    vanishing=zero_i(),
+    exploding=zero_i(),
+    vanishing_below=low,
+    exploding_above=high,
+  )
+
+
+def thresholds(vanishing_below: Any, exploding_above: Any) -> tuple[jax.Array, jax.Array]:
+  """:func:`monitor`'s two thresholds as float32 scalars."""
+  return (
+    jnp.asarray(vanishing_below, _tree.FLOAT32),
+    jnp.asarray(exploding_above, _tree.FLOAT32),
+  )
 
 
 def monitor(
-  vanishing_below: float = _VANISHING_BELOW,
-  exploding_above: float = _EXPLODING_ABOVE,
+  vanishing_below: float = VANISHING_BELOW,
+  exploding_above: float = EXPLODING_ABOVE,
   *,
   axis_name: Any = None,
   partition: Any = None,
@@ -179,44 +234,12 @@ def monitor(
   _check_thresholds(vanishing_below, exploding_above)
   col = _tree.collective("monitor", axis_name, partition)
 
-  def thresholds() -> tuple[jax.Array, jax.Array]:
-    return (
-      jnp.asarray(vanishing_below, _tree.FLOAT32),
-      jnp.asarray(exploding_above, _tree.FLOAT32),
-    )
-
   def init_fn(params: Any) -> MonitorState:
-    low, high = thresholds()
-    # One array per field: fields sharing a buffer cannot be donated.
-    zero_f = lambda: jnp.zeros((), _tree.FLOAT32)
-    zero_i = lambda: jnp.zeros((), jnp.int32)
-    return MonitorState(
-      count=zero_i(),
-      norm=zero_f(),
-      leaf_norms=jax.tree.map(lambda x: zero_f() if _is_gradient(x) else None, params),
-      max_abs=zero_f(),
-      nonfinite=zero_i(),
-      vanishing=zero_i(),
-      exploding=zero_i(),
-      vanishing_below=low,
-      exploding_above=high,
-    )
+    return _fresh_state(params, *thresholds(vanishing_below, exploding_above))
 
   def update_fn(updates: Any, state: MonitorState, params: Any = None) -> tuple[Any, MonitorState]:
     del params
-    low, high = thresholds()
-    leaf_norms, norms, norm, max_abs, nonfinite = _summary(updates, col)
-    new_state = MonitorState(
-      count=optax.safe_increment(state.count),
-      norm=norm,
-      leaf_norms=leaf_norms,
-      max_abs=max_abs,
-      nonfinite=nonfinite,
-      vanishing=jnp.sum(norms < low, dtype=jnp.int32),
-      exploding=jnp.sum(norms > high, dtype=jnp.int32),
-      vanishing_below=low,
-      exploding_above=high,
-    )
+    new_state = observe(updates, state, *thresholds(vanishing_below, exploding_above), col)
     return updates, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -344,22 +367,24 @@ def _counts_line(rows: list[tuple[str, str, float, str]]) -> str:
   return "layers: " + ", ".join(f"{counts[f]} {f}" for f in _FLAGS.values())
 
 
-# One compiled call rather than a few eager operations per leaf.
-_gradient_summary = jax.jit(_summary)
+@jax.jit
+def _observe_once(leaves: list[jax.Array], low: jax.Array, high: jax.Array) -> MonitorState:
+  """What :func:`monitor` records of ``leaves``, in one compiled call rather
+  than a few eager operations per leaf."""
+  return observe(leaves, _fresh_state(leaves, low, high), low, high)
 
 
 def _report_grads(grads: Any, low: float, high: float) -> list[str]:
   leaves = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(grads)[0] if _is_gradient(x)]
-  leaf_norms, _, norm, max_abs, nonfinite = jax.device_get(
-    _gradient_summary([x for _, x in leaves])
-  )
+  seen = jax.device_get(_observe_once([x for _, x in leaves], *thresholds(low, high)))
   norms = [
-    (_stats.leaf_path(p), str(tuple(x.shape)), float(n)) for (p, x), n in zip(leaves, leaf_norms)
+    (_stats.leaf_path(p), str(tuple(x.shape)), float(n))
+    for (p, x), n in zip(leaves, seen.leaf_norms)
   ]
   rows = _rows(norms, low, high)
   summary = [
-    f"global norm {float(norm):.3e}, max |entry| {float(max_abs):.3e}, "
-    f"non-finite entries {int(nonfinite)}",
+    f"global norm {float(seen.norm):.3e}, max |entry| {float(seen.max_abs):.3e}, "
+    f"non-finite entries {int(seen.nonfinite)}",
     _counts_line(rows) + f" (vanishing < {low:.1e}, exploding > {high:.1e})",
   ]
   return _table("gradient", summary, rows)
@@ -470,13 +495,13 @@ def report(
     a      (3,)    0.000e+00  vanishing
   """
   _check_thresholds(
-    _VANISHING_BELOW if vanishing_below is None else vanishing_below,
-    _EXPLODING_ABOVE if exploding_above is None else exploding_above,
+    VANISHING_BELOW if vanishing_below is None else vanishing_below,
+    EXPLODING_ABOVE if exploding_above is None else exploding_above,
   )
   tree = _optax_state(opt_state_or_grads, "report")
   if not _is_optimizer_state(tree):
-    low = _VANISHING_BELOW if vanishing_below is None else vanishing_below
-    high = _EXPLODING_ABOVE if exploding_above is None else exploding_above
+    low = VANISHING_BELOW if vanishing_below is None else vanishing_below
+    high = EXPLODING_ABOVE if exploding_above is None else exploding_above
     return "\n".join(_report_grads(tree, float(low), float(high)))
 
   sections: list[list[str]] = []

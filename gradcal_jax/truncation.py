@@ -125,7 +125,7 @@ def _count(mask: jax.Array) -> jax.Array:
 
 def _count_if(active: jax.Array, x: jax.Array, mask_fn: Any) -> jax.Array:
   # A leaf whose search has ended skips its pass over the data (``x``).
-  return jax.lax.cond(
+  return _tree.cond(
     active, lambda: _count(mask_fn()), lambda: _tree.varying_like(jnp.zeros((), INT32), x)
   )
 
@@ -245,7 +245,7 @@ def _search(xs: list[jax.Array], ks: jax.Array, whole: _Whole) -> tuple[jax.Arra
     start = (jnp.where(ties, 0, sizes - 1), sizes)
     return jax.lax.while_loop(lambda c: jnp.any(c[1] - c[0] > 1), step, start)[1]
 
-  cut = jax.lax.cond(jnp.any(ties), cutoffs, lambda _: sizes, None)
+  cut = _tree.cond(jnp.any(ties), cutoffs, lambda _: sizes, None)
   return lo, cut
 
 

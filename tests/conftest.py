@@ -16,7 +16,7 @@ import pytest  # noqa: E402  (after the flags above, like every jax import)
 
 # A script that test_multiprocess.py runs in processes of its own (it sets
 # its own device count before importing jax), not a module to import.
-collect_ignore = ["multiprocess_worker.py"]
+collect_ignore = ["multiprocess_worker.py", "notebook_runner.py"]
 
 
 @pytest.fixture

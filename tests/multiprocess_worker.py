@@ -94,6 +94,7 @@ def _stacks() -> dict[str, tuple[optax.GradientTransformation, dict]]:
       "global_norm": (optax.chain(gc.monitor(), gc.clip_by_global_norm(0.5), adam()), {}),
       "safety": (optax.chain(gc.monitor(), gc.zclip(warmup_steps=2),
                              gc.skip_spikes(adam(), min_history=2)), {}),
+      "guard": (gc.guard(adam(), warmup_steps=2, min_history=2), {}),
       "autoclip": (optax.chain(gc.autoclip(history=8), gc.clip_by_value(0.05), adam()), {}),
       "layer": (optax.chain(gc.clip_by_layer_norm(0.2), gc.adaptive_grad_clip(0.05),
                             gc.centralize(), optax.sgd(0.1, momentum=0.9)), {}),

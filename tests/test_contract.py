@@ -54,6 +54,8 @@ class Case:
       through.
     inner_names: for a wrapper, the gradcal transforms inside it, whose
       statistics ``stats`` must also find.
+    own_stats: whether its statistics are keyed by its own name (a composite
+      such as ``guard`` records under its parts' names only).
   """
 
   name: str
@@ -66,6 +68,7 @@ class Case:
   has_stats: bool = True
   skips_nonfinite: bool = False
   inner_names: tuple[str, ...] = ()
+  own_stats: bool = True
 
   def __str__(self) -> str:
     return self.name
@@ -76,8 +79,12 @@ class Case:
   def extra(self, grads: Any, params: Any) -> dict[str, Any]:
     return {} if self.extra_args is None else self.extra_args(grads, params)
 
+  @property
+  def stat_names(self) -> tuple[str, ...]:
+    return ((self.name,) if self.own_stats else ()) + self.inner_names
+
   def owns(self, key: str) -> bool:
-    return any(key.startswith(f"{n}/") for n in (self.name, *self.inner_names))
+    return any(key.startswith(f"{n}/") for n in self.stat_names)
 
 
 CASES: list[Case] = [
@@ -110,6 +117,24 @@ CASES: list[Case] = [
          bad=(({"sigma": 0.0}, r"sigma must be in \(0.0"),
               ({"window": 0}, "window must be an integer >= 1"),
               ({"min_history": 5}, r"min_history must be in \[1, 4\]"))),
+    # The safety stack in one transform; its statistics are its parts'.
+    Case("guard",
+         lambda sigma=6.0, window=128, min_history=64, z_threshold=2.5, alpha=0.97,
+         warmup_steps=25, vanishing_below=1e-7: gc.guard(
+             gc.clip_by_global_norm(1.0), sigma=sigma, window=window,
+             min_history=min_history, z_threshold=z_threshold, alpha=alpha,
+             warmup_steps=warmup_steps, vanishing_below=vanishing_below),
+         {"sigma": 1.0, "window": 4, "min_history": 2, "z_threshold": 1.0,
+          "warmup_steps": 2},
+         own_stats=False,
+         inner_names=("monitor", "zclip", "skip_spikes", "clip_by_global_norm"),
+         extra_args=lambda grads, params: {"loss": _half_square(params)},
+         static_args=("window",), skips_nonfinite=True,
+         bad=(({"sigma": 0.0}, r"sigma must be in \(0.0"),
+              ({"min_history": 5}, r"min_history must be in \[1, 4\]"),
+              ({"z_threshold": 0.0}, r"z_threshold must be in \(0.0"),
+              ({"alpha": 1.0}, r"alpha must be in \(0.0, 1.0\)"),
+              ({"vanishing_below": -1.0}, "vanishing_below must be in"))),
     Case("clip_by_value", gc.clip_by_value, {"max_abs": 0.5},
          bad=(({"max_abs": -1.0}, r"max_abs must be in \[0.0, inf\]"),)),
     Case("clip_by_global_norm", gc.clip_by_global_norm, {"max_norm": 1.0},
@@ -377,7 +402,7 @@ def test_stats_are_float32_or_int32_scalars(case):
   if case.has_stats:
     assert found, "no statistic found in the state"
     assert all(case.owns(k) for k in found), list(found)
-    for name in (case.name, *case.inner_names):
+    for name in case.stat_names:
       assert any(k.startswith(f"{name}/") for k in found), (name, list(found))
   _stat_dtypes_ok(state)
 
@@ -444,10 +469,11 @@ def test_numeric_hyperparameters_refuse_strings_and_booleans(case):
     (lambda: gc.adaptive_grad_clip(None), "clipping must be a real number, got None"),
     (lambda: gc.clip_update_rms(1.0), "inner must be an optax.GradientTransformation"),
     (lambda: gc.skip_spikes("adam"), "inner must be an optax.GradientTransformation"),
+    (lambda: gc.guard("adam"), "inner must be an optax.GradientTransformation"),
     (lambda: gc.accumulate(None, 2), "inner must be an optax.GradientTransformation"),
     (lambda: gc.dynamic_loss_scale(optax.adam), "inner must be an optax.GradientTransformation"),
-], ids=["global_norm", "value", "agc", "clip_update_rms", "skip_spikes", "accumulate",
-        "loss_scale"])
+], ids=["global_norm", "value", "agc", "clip_update_rms", "skip_spikes", "guard",
+        "accumulate", "loss_scale"])
 def test_required_arguments_of_the_wrong_kind_raise_when_built(make, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     make()

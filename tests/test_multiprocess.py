@@ -82,7 +82,7 @@ def test_two_processes_equal_one(runs):
   one, two = runs["one.0.npz"], runs["two.0.npz"]
   assert sorted(one) == sorted(two)
   stacks = {key.split("|")[0] for key in one}
-  assert len(stacks) == 11, stacks
+  assert len(stacks) == 12, stacks
   for key in one:
     _assert_same(key, one[key], two[key])
 
@@ -102,9 +102,10 @@ def test_faults_in_one_process_shard_decide_globally(runs):
   """The NaN (step 2), spike (step 4) and inf (step 5) sit in the second
   process's shard; the guards act on them in both processes."""
   for run in (runs["two.0.npz"], runs["two.1.npz"]):
-    skipped = [bool(_stat(run, "safety", t, "skip_spikes/skipped")) for t in range(6)]
-    assert skipped[2] and skipped[5] and not skipped[0], skipped
-    assert int(_stat(run, "safety", 2, "monitor/nonfinite")) == 1
+    for stack in ("safety", "guard"):
+      skipped = [bool(_stat(run, stack, t, "skip_spikes/skipped")) for t in range(6)]
+      assert skipped[2] and skipped[5] and not skipped[0], (stack, skipped)
+      assert int(_stat(run, stack, 2, "monitor/nonfinite")) == 1
     scales = [float(_stat(run, "loss_scale", t, "dynamic_loss_scale/scale"))
               for t in range(6)]
     assert scales[2] < scales[1] and scales[5] < scales[4], scales

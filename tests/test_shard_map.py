@@ -75,6 +75,7 @@ def _with(**axis):
       "autoclip": lambda: gc.autoclip(history=8, **axis),
       "zclip": lambda: gc.zclip(warmup_steps=2, **axis),
       "skip_spikes": lambda: gc.skip_spikes(adam, min_history=2, **axis),
+      "guard": lambda: gc.guard(adam, warmup_steps=2, min_history=2, **axis),
       "accumulate": lambda: gc.accumulate(
           optax.chain(gc.clip_by_global_norm(1.0, **axis), adam), 2, **axis),
       "truncate_top_k": lambda: gc.truncate_top_k(0.2, **axis),
