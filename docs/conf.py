@@ -33,6 +33,9 @@ extensions = [
   "sphinx.ext.mathjax",
   "sphinx.ext.viewcode",
   "myst_nb",
+  # MathJax 3 copied into _static/mathjax, so the math renders with no
+  # network when the pages are read, not only when they are built.
+  "sphinx-mathjax-offline",
 ]
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False

@@ -9,12 +9,12 @@ flat ``dict`` with stable keys ``"<transform>/<field>"``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 _T = TypeVar("_T")
 
@@ -43,7 +43,9 @@ def register_state(name: str, fields: tuple[str, ...]) -> Callable[[_T], _T]:
 
 def _unwrap(x: Any) -> Any:
   # A Flax NNX optimizer keeps its optax state in Variables; read their values.
-  if isinstance(x, nnx.Variable):
+  # flax is not imported for this: without flax.nnx loaded, nothing is one.
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is not None and isinstance(x, nnx.Variable):
     return x.get_value()
   return x
 

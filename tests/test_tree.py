@@ -1,9 +1,12 @@
 """Private helpers with a behaviour of their own: ``_tree.cond`` (eager steps
-run one branch op by op) and ``_tree.copies_apart``."""
+run one branch op by op) and ``_tree.copies_apart``; and what importing the
+package pulls in."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +65,12 @@ def test_copies_apart_are_the_value():
   copies = _tree.copies_apart(jnp.float32(0.25), 3)
   assert len(copies) == 3 and all(float(c) == 0.25 for c in copies)
   assert _tree.copies_apart(jnp.float32(1.0), 0) == []
+
+
+def test_importing_the_package_does_not_import_flax():
+  # Flax NNX support (stats of an nnx.Optimizer, nnx_value_fn) works without
+  # importing flax up front: a user of plain optax does not pay for it.
+  code = "import sys, gradcal_jax; print(sorted(m for m in sys.modules if m.startswith('flax')))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]", out.stdout
