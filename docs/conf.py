@@ -60,7 +60,7 @@ nb_execution_show_tb = True
 FAMILIES = {
   "clipping": "Clipping",
   "adaptive": "Adaptive calibration",
-  "guard": "The safety stack in one transform",
+  "safety": "The safety stack in one transform",
   "spikes": "Loss-spike methods",
   "truncation": "Top-k truncation",
   "accumulation": "Accumulation",

@@ -34,11 +34,11 @@ from gradcal_jax.clipping import (
   clip_by_value,
   clip_weights,
 )
-from gradcal_jax.guard import GuardState, guard
 from gradcal_jax.log import log_stats
 from gradcal_jax.loss_scaling import DynamicLossScaleState, dynamic_loss_scale, loss_scale
 from gradcal_jax.monitoring import MonitorState, leaf_paths, monitor, report, stats
 from gradcal_jax.nnx_utils import nnx_value_fn
+from gradcal_jax.safety import GuardState, guard
 from gradcal_jax.spikes import (
   AdaGCState,
   ClipUpdateRMSState,

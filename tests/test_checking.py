@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import gradcal_jax as gc
-from gradcal_jax import checking
+from gradcal_jax.checking import _check_gradients, _directions, _gradient_check
 
 JIT = pytest.mark.parametrize("jit", [lambda f: f, jax.jit], ids=["eager", "jit"])
 KEYS = [jax.random.key(k) for k in range(20)]
@@ -561,9 +561,9 @@ def test_directions_are_unit_uniform_and_independent():
   # [-1, 1] before normalization (mean 0, variance 1/3, flat histogram),
   # directions of one member and of two members uncorrelated.
   key = jax.random.key(3)
-  v = np.asarray(checking._directions(key, jnp.asarray(0), 2, jnp.zeros((200, 50)),
+  v = np.asarray(_directions._directions(key, jnp.asarray(0), 2, jnp.zeros((200, 50)),
                                       jnp.float32, jnp.float32))
-  w = np.asarray(checking._directions(key, jnp.asarray(1), 1, jnp.zeros((200, 50)),
+  w = np.asarray(_directions._directions(key, jnp.asarray(1), 1, jnp.zeros((200, 50)),
                                       jnp.float32, jnp.float32))
   np.testing.assert_allclose(np.linalg.norm(v.reshape(2, -1), axis=1), 1.0, rtol=1e-6)
   raw = v[0].ravel() * np.sqrt(v[0].size / 3.0)  # back to entries of variance 1/3
@@ -634,8 +634,12 @@ def test_report_shows_gradient_check_stats():
 
 
 def test_docstring_examples():
-  results = doctest.testmod(checking, optionflags=doctest.NORMALIZE_WHITESPACE)
-  assert results.attempted >= 2 and results.failed == 0
+  attempted = 0
+  for module in (_check_gradients, _gradient_check):
+    results = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert results.failed == 0, module.__name__
+    attempted += results.attempted
+  assert attempted >= 2
 
 
 # ---------------------------------------------------------------------------

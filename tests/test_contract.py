@@ -1,4 +1,4 @@
-"""The transform contract (CONVENTIONS.md, section 1), checked for every public transform.
+"""The transform contract (CONTRIBUTING.md, sections 1 to 10), checked for every public transform.
 
 One parameterized suite over ``CASES``: a new transform is covered by adding one
 ``Case`` line. Each check compares the transform with itself under another
@@ -396,17 +396,6 @@ def test_float16_gradient_with_norm_above_65504(case):
   chex.assert_tree_all_finite(gc.stats(state))
 
 
-def test_stats_are_float32_or_int32_scalars(case):
-  _, state = _run(case.build(), case, steps=2, jit=True)
-  found = gc.stats(state)
-  if case.has_stats:
-    assert found, "no statistic found in the state"
-    assert all(case.owns(k) for k in found), list(found)
-    for name in case.stat_names:
-      assert any(k.startswith(f"{name}/") for k in found), (name, list(found))
-  _stat_dtypes_ok(state)
-
-
 # ---------------------------------------------------------------------------
 # 4. Numbers
 
@@ -486,6 +475,21 @@ def test_missing_params_raise_a_clear_value_error(case):
   grads = _grads_at(0)
   with pytest.raises(ValueError, match="needs the parameters"):
     tx.update(grads, tx.init(grads), None, **case.extra(grads, grads))
+
+
+# ---------------------------------------------------------------------------
+# 6. Statistics in the state
+
+
+def test_stats_are_float32_or_int32_scalars(case):
+  _, state = _run(case.build(), case, steps=2, jit=True)
+  found = gc.stats(state)
+  if case.has_stats:
+    assert found, "no statistic found in the state"
+    assert all(case.owns(k) for k in found), list(found)
+    for name in case.stat_names:
+      assert any(k.startswith(f"{name}/") for k in found), (name, list(found))
+  _stat_dtypes_ok(state)
 
 
 # ---------------------------------------------------------------------------
