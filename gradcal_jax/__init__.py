@@ -14,9 +14,9 @@ from gradcal_jax.adaptive import (
   zclip,
 )
 from gradcal_jax.checking import (
-  GradCheckReport,
-  GradCheckRow,
   GradientCheckError,
+  GradientCheckReport,
+  GradientCheckRow,
   GradientCheckState,
   check_gradients,
   gradient_check,
@@ -51,6 +51,11 @@ from gradcal_jax.truncation import TruncateTopKState, truncate_top_k
 
 __version__ = "0.1.0"
 
+# The names before 0.2, importable for one release (not in __all__, so the
+# docs list each class once): the family is GradientCheck*.
+GradCheckReport = GradientCheckReport
+GradCheckRow = GradientCheckRow
+
 __all__ = [
   "AccumulateState",
   "AdaGCState",
@@ -62,9 +67,9 @@ __all__ = [
   "ClipUpdateRMSState",
   "ClipWeightsState",
   "DynamicLossScaleState",
-  "GradCheckReport",
-  "GradCheckRow",
   "GradientCheckError",
+  "GradientCheckReport",
+  "GradientCheckRow",
   "GradientCheckState",
   "GuardState",
   "MonitorState",

@@ -29,7 +29,6 @@ class AccumulateState(NamedTuple):
   Attributes:
     micro_step: int32, micro-batches accumulated since the last boundary, in
       ``[0, every_k)``; 0 right after a boundary.
-    inner_steps: int32, how many times the inner transform has run.
     weight: float32, the total weight accumulated since the last boundary
       (``scaled_weight`` scaled back); ``inf`` once it passes float32's
       largest value (the mean stays exact: it is computed from
@@ -39,11 +38,6 @@ class AccumulateState(NamedTuple):
       weights that cannot overflow, from which each micro-batch's share
       :math:`w_i / W_i` is taken (exactly the share computed from
       ``weight``: the scaling is by a power of two).
-    empty_steps: int32, boundaries whose total weight was zero: the inner
-      transform did not run and the updates were zeros. Non-zero means the
-      caller passed only zero weights over a whole cycle, an error to look at.
-    invalid_weights: int32, micro-batches whose traced weight was negative or
-      not finite; each was ignored as if its weight were zero.
     accumulator: the weighted mean of the cycle's gradients so far, shaped
       like the gradient, in ``accumulator_dtype`` (integer leaves are kept
       as they are and never read). While ``weight`` is 0 (right after a
@@ -52,6 +46,13 @@ class AccumulateState(NamedTuple):
     square_sum: float32, :math:`\sum_i w_i \lVert g_i \rVert^2` over the
       cycle's micro-batches so far (for the noise scale).
     positive: int32, the cycle's micro-batches of positive weight so far.
+    invalid_weights: int32, micro-batches whose traced weight was negative or
+      not finite; each was ignored as if its weight were zero.
+    inner_state: the inner transform's state; it changes at a boundary only.
+    inner_steps: int32, how many times the inner transform has run.
+    empty_steps: int32, boundaries whose total weight was zero: the inner
+      transform did not run and the updates were zeros. Non-zero means the
+      caller passed only zero weights over a whole cycle, an error to look at.
     noise_trace: float32 moving average of the estimated
       :math:`\operatorname{tr}\Sigma` (per unit of weight).
     noise_signal: float32 moving average of the estimated
@@ -63,16 +64,19 @@ class AccumulateState(NamedTuple):
       ``inf`` while the signal estimate is not positive.
   """
 
+  # Every micro-batch: the cycle so far.
   micro_step: jax.Array
-  inner_steps: jax.Array
   weight: jax.Array
   scaled_weight: jax.Array
-  empty_steps: jax.Array
-  invalid_weights: jax.Array
   accumulator: Any
-  inner_state: Any
   square_sum: jax.Array
   positive: jax.Array
+  invalid_weights: jax.Array
+  # At a boundary: the inner transform, and what the boundaries did.
+  inner_state: Any
+  inner_steps: jax.Array
+  empty_steps: jax.Array
+  # At a boundary: the noise-scale estimates.
   noise_trace: jax.Array
   noise_signal: jax.Array
   noise_scale: jax.Array

@@ -613,7 +613,7 @@ class ClipWeightsState(NamedTuple):
   clipped_fraction: jax.Array
 
 
-def _toward(x: jax.Array, direction: float) -> jax.Array:
+def _next_toward(x: jax.Array, direction: float) -> jax.Array:
   return jnp.nextafter(x, jnp.asarray(direction, x.dtype))
 
 
@@ -628,7 +628,7 @@ def _round_to(x: jax.Array, dtype: Any) -> jax.Array:
 def _inner_bound(bound: jax.Array, dtype: Any) -> jax.Array:
   """The largest value of ``dtype`` not above ``bound`` (>= 0), in float32."""
   b = _round_to(bound, dtype)
-  return jnp.where(b > bound, _toward(b.astype(dtype), 0.0).astype(FLOAT32), b)
+  return jnp.where(b > bound, _next_toward(b.astype(dtype), 0.0).astype(FLOAT32), b)
 
 
 def _clip_weight_update(
@@ -659,8 +659,8 @@ def _clip_weight_update(
   # Computed without a derivative.
   d = jax.lax.stop_gradient(delta)
   landed = lands(d)
-  d = jnp.where(landed > inner, _toward(d, -jnp.inf), d)
-  d = jnp.where(landed < -inner, _toward(d, jnp.inf), d)
+  d = jnp.where(landed > inner, _next_toward(d, -jnp.inf), d)
+  d = jnp.where(landed < -inner, _next_toward(d, jnp.inf), d)
   d = jnp.where(jnp.abs(lands(d)) > inner, -w_fixed.astype(out), d)
   return jnp.where(outside, delta + jax.lax.stop_gradient(d - delta), u.astype(out))
 

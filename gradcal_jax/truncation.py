@@ -147,6 +147,25 @@ def _thresholds(
   return _search(xs, ks, whole)
 
 
+class _Bracket(NamedTuple):
+  """The threshold search's loop carry, per leaf: the bit patterns ``lo`` and
+  ``hi`` bracket the k-th largest magnitude, with ``count(bits >= lo) >= k >
+  count(bits >= hi)``."""
+
+  step: jax.Array  # int32, passes so far (all leaves together)
+  lo: jax.Array  # uint32 per leaf
+  hi: jax.Array  # uint32 per leaf
+  count_lo: jax.Array  # int32 per leaf, count(bits >= lo)
+  count_hi: jax.Array  # int32 per leaf, count(bits >= hi)
+  guess: jax.Array  # uint32 per leaf, the next candidate by interpolation
+  bisect: jax.Array  # bool per leaf: the last guess did not halve the bracket
+
+  def done(self, ks: jax.Array) -> jax.Array:
+    """Per leaf: ``lo`` has exactly k entries above it (no ties), or the
+    bracket cannot shrink."""
+    return (self.count_lo == ks) | (self.hi - self.lo <= 1)
+
+
 def _search(xs: list[jax.Array], ks: jax.Array, whole: _Whole) -> tuple[jax.Array, jax.Array]:
   n = len(xs)
   sizes = jnp.array([whole.size(i, x) for i, x in enumerate(xs)], INT32)
@@ -174,16 +193,14 @@ def _search(xs: list[jax.Array], ks: jax.Array, whole: _Whole) -> tuple[jax.Arra
   # falls outside the bracket, when the previous guess failed to halve it, or
   # when the bracket is wider than 2**(33 - step): at most three passes more than
   # plain bisection, usually far fewer (about 10 instead of 21 on Gaussian leaves).
-  def value_done(lo, hi, count_lo):
-    return (count_lo == ks) | (hi - lo <= 1)
-
-  def value_step(carry):
-    step, lo, hi, count_lo, count_hi, guess, bisect = carry
+  def value_step(carry: _Bracket) -> _Bracket:
+    lo, hi, count_lo, count_hi = carry.lo, carry.hi, carry.count_lo, carry.count_hi
     width = hi - lo
-    too_wide = width.astype(FLOAT32) > jnp.exp2(33.0 - step.astype(FLOAT32))
-    use_mid = bisect | too_wide | (guess <= lo) | (guess >= hi)
+    too_wide = width.astype(FLOAT32) > jnp.exp2(33.0 - carry.step.astype(FLOAT32))
+    guess = carry.guess
+    use_mid = carry.bisect | too_wide | (guess <= lo) | (guess >= hi)
     cand = jnp.where(use_mid, lo + width // 2, guess)
-    active = ~value_done(lo, hi, count_lo)
+    active = ~carry.done(ks)
     count = whole.sum(
       [
         _count_if(active[i], x, lambda x=x, i=i: _magnitude_bits(x) >= cand[i])
@@ -195,26 +212,30 @@ def _search(xs: list[jax.Array], ks: jax.Array, whole: _Whole) -> tuple[jax.Arra
     lo, count_lo = jnp.where(up, cand, lo), jnp.where(up, count, count_lo)
     hi, count_hi = jnp.where(down, cand, hi), jnp.where(down, count, count_hi)
     new_width = hi - lo
-    bisect = active & ~use_mid & (new_width > width // 2)
     log_lo = jnp.log(count_lo.astype(FLOAT32) + 0.5)
     log_hi = jnp.log(count_hi.astype(FLOAT32) + 0.5)
     share = (log_lo - jnp.log(ks.astype(FLOAT32) + 0.5)) / (log_lo - log_hi)
-    guess = lo + (jnp.clip(share, 0.0, 1.0) * new_width.astype(FLOAT32)).astype(UINT32)
-    return step + 1, lo, hi, count_lo, count_hi, guess, bisect
+    return _Bracket(
+      step=carry.step + 1,
+      lo=lo,
+      hi=hi,
+      count_lo=count_lo,
+      count_hi=count_hi,
+      guess=lo + (jnp.clip(share, 0.0, 1.0) * new_width.astype(FLOAT32)).astype(UINT32),
+      bisect=active & ~use_mid & (new_width > width // 2),
+    )
 
-  _, lo, hi, count_lo, count_hi, _, _ = jax.lax.while_loop(
-    lambda c: ~jnp.all(value_done(c[1], c[2], c[3])),
-    value_step,
-    (
-      jnp.zeros((), INT32),
-      jnp.zeros(n, UINT32),
-      hi,
-      sizes,
-      jnp.zeros(n, INT32),
-      guess,
-      jnp.zeros(n, bool),
-    ),
+  start = _Bracket(
+    step=jnp.zeros((), INT32),
+    lo=jnp.zeros(n, UINT32),
+    hi=hi,
+    count_lo=sizes,
+    count_hi=jnp.zeros(n, INT32),
+    guess=guess,
+    bisect=jnp.zeros(n, bool),
   )
+  found = jax.lax.while_loop(lambda c: ~jnp.all(c.done(ks)), value_step, start)
+  lo, count_lo, count_hi = found.lo, found.count_lo, found.count_hi
 
   # Ties at the threshold: keep the first `need` of them in row-major order,
   # the cut-off found by a bisection on the flat index. Zero ties are left

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import gradcal_jax as gc
-from gradcal_jax.checking import _check_gradients, _directions, _gradient_check
+from gradcal_jax.checking import VERDICTS, Verdict, _check_gradients, _directions, _gradient_check
 
 JIT = pytest.mark.parametrize("jit", [lambda f: f, jax.jit], ids=["eager", "jit"])
 KEYS = [jax.random.key(k) for k in range(20)]
@@ -726,3 +726,19 @@ def test_check_gradients_keeps_full_precision_for_full_precision_values(fn):
   report = gc.check_gradients(fn, jnp.array([1.0, 2.0]))
   assert report.rounded_to is None and report.ok
   assert report.rows[0].rtol == pytest.approx(float(np.finfo(np.float64).eps) ** (1 / 3))
+
+
+def test_the_verdicts_are_one_ordered_type():
+  # The code the traced check computes, the word the report prints and the
+  # severity the report and gradient_check order by, defined once.
+  assert VERDICTS == tuple(v.word for v in Verdict) == ("ok", "mismatch", "unreliable", "nonfinite")
+  assert [int(Verdict.of(w)) for w in VERDICTS] == [0, 1, 2, 3]
+  by_severity = sorted(Verdict, key=lambda v: v.severity)
+  assert [v.word for v in by_severity] == ["ok", "unreliable", "mismatch", "nonfinite"]
+  assert all(v.meaning for v in Verdict)
+
+
+def test_the_old_report_names_are_aliases_for_one_release():
+  assert gc.GradCheckReport is gc.GradientCheckReport
+  assert gc.GradCheckRow is gc.GradientCheckRow
+  assert "GradCheckReport" not in gc.__all__ and "GradientCheckReport" in gc.__all__

@@ -32,21 +32,24 @@ class SkipSpikesState(NamedTuple):
     norm: float32 global norm of the last gradient.
     threshold: float32 ``mean + sigma * std`` of the norm buffer at the last
       step (it only skips once ``min_history`` norms were accepted).
+    skipped: int32, 1 if the last step was skipped, else 0.
     num_skipped: int32, total skipped steps.
     num_nonfinite: int32, steps skipped for a non-finite gradient norm or loss.
-    skipped: int32, 1 if the last step was skipped, else 0.
   """
 
+  # On accepted steps: the wrapped transform and the history.
   inner_state: Any
   norms: jax.Array
   norm_count: jax.Array
   losses: jax.Array
   loss_count: jax.Array
+  # Every step: what the last step measured and decided.
   norm: jax.Array
   threshold: jax.Array
+  skipped: jax.Array
+  # On skipped steps: the running totals.
   num_skipped: jax.Array
   num_nonfinite: jax.Array
-  skipped: jax.Array
 
 
 def _threshold(buffer: jax.Array, count: jax.Array, sigma: float) -> jax.Array:

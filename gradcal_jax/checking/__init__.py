@@ -47,15 +47,16 @@ References:
 
 from gradcal_jax.checking._check_gradients import check_gradients
 from gradcal_jax.checking._gradient_check import GradientCheckState, gradient_check
-from gradcal_jax.checking._numerics import VERDICTS
-from gradcal_jax.checking._report import GradCheckReport, GradCheckRow, GradientCheckError
+from gradcal_jax.checking._numerics import VERDICTS, Verdict
+from gradcal_jax.checking._report import GradientCheckError, GradientCheckReport, GradientCheckRow
 
 __all__ = [
   "VERDICTS",
-  "GradCheckReport",
-  "GradCheckRow",
   "GradientCheckError",
+  "GradientCheckReport",
+  "GradientCheckRow",
   "GradientCheckState",
+  "Verdict",
   "check_gradients",
   "gradient_check",
 ]

@@ -11,8 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradcal_jax import _stats, _tree
-from gradcal_jax.checking._chunks import _chunk_plan, _over_chunks
-from gradcal_jax.checking._directions import _directions, _draw, _perturbed, _pick, _replaced
+from gradcal_jax.checking._chunks import _chunk_plan, _run_chunks
+from gradcal_jax.checking._directions import (
+  _directions,
+  _draw,
+  _perturbed,
+  _replaced,
+  _select_member,
+)
 from gradcal_jax.checking._numerics import (
   VERDICTS,
   _default_rtol,
@@ -24,7 +30,7 @@ from gradcal_jax.checking._numerics import (
   _rms,
   _step,
 )
-from gradcal_jax.checking._report import GradCheckReport, GradCheckRow
+from gradcal_jax.checking._report import GradientCheckReport, GradientCheckRow
 
 FLOAT32 = jnp.float32
 
@@ -34,7 +40,7 @@ def _is_custom_vjp_error(e: Exception) -> bool:
 
 
 def _measure_leaves(
-  phi: Callable[[Any], jax.Array],
+  objective: Callable[[Any], jax.Array],
   leaves: list[Any],
   treedef: Any,
   grads: list[Any],
@@ -44,13 +50,13 @@ def _measure_leaves(
   eps: list[float],
   fallback: jax.Array,
   f0: jax.Array,
-  wide: Any,
+  check_dtype: Any,
 ) -> tuple[_Measured, list[bool]]:
   """Measures every checked leaf for :func:`check_gradients`, stacked in
   ``checked`` order, and says which had a forward leg.
 
   Chunks as in :func:`_chunk_plan`. Under ``jax.vmap`` over the evaluation
-  points only the chunk's members are batched: what ``phi`` computes before
+  points only the chunk's members are batched: what ``objective`` computes before
   them (the layers below, when the tree lists layers in order) is evaluated
   once per member, not once per point, and no other parameter is copied; the
   forward-mode products come from one ``jax.linearize`` per chunk, so only
@@ -65,9 +71,9 @@ def _measure_leaves(
     chunk_key: jax.Array,
     linear: Callable[..., jax.Array] | None,
   ) -> _Measured:
-    leaf = _pick(k, [leaves[i] for i in idx])
-    dtype = jnp.promote_types(leaf.dtype, wide)
-    v = _directions(chunk_key, k, num_directions, leaf, wide, dtype)
+    leaf = _select_member(k, [leaves[i] for i in idx])
+    dtype = jnp.promote_types(leaf.dtype, check_dtype)
+    v = _directions(chunk_key, k, num_directions, leaf, check_dtype, dtype)
     t = _step(leaf, fallback.astype(dtype), dtype, leaf_eps)
     forward = None
     if linear is not None:
@@ -80,9 +86,9 @@ def _measure_leaves(
         )
       )(v).astype(dtype)
     f = _finite_differences(
-      _perturbed(phi, leaves, treedef, idx, k), leaf, v, t, dtype, batched=True
+      _perturbed(objective, leaves, treedef, idx, k), leaf, v, t, dtype, batched=True
     )
-    reverse, typical, finite = _gradient_terms(_pick(k, [grads[i] for i in idx]), v, dtype)
+    reverse, typical, finite = _gradient_terms(_select_member(k, [grads[i] for i in idx]), v, dtype)
     return _Measured(
       reverse=reverse,
       forward=jnp.full_like(reverse, jnp.nan) if forward is None else forward,
@@ -99,7 +105,7 @@ def _measure_leaves(
       # One linearization per chunk: the forward pass it needs is shared by
       # the members, and only the tangents are computed per member.
       _, linear = jax.linearize(
-        lambda *ys: phi(_replaced(leaves, treedef, idx, ys)), *[leaves[i] for i in idx]
+        lambda *ys: objective(_replaced(leaves, treedef, idx, ys)), *[leaves[i] for i in idx]
       )
     return jax.lax.map(lambda k: body(idx, leaf_eps, k, chunk_key, linear), jnp.arange(len(idx)))
 
@@ -115,7 +121,7 @@ def _measure_leaves(
     return measured
 
   chunks = _chunk_plan(leaves, checked, num_directions)
-  return _over_chunks(chunks, checked, key, run_chunk, wide), has_forward
+  return _run_chunks(chunks, checked, key, run_chunk, check_dtype), has_forward
 
 
 def _is_static(x: Any) -> bool:
@@ -130,11 +136,11 @@ def _projected(
   if cotangents is None:
     return lambda y: call(y).astype(dtype)
 
-  def phi(y: Any) -> jax.Array:
+  def objective(y: Any) -> jax.Array:
     outs = _tree.float_leaves(call(y))
     return _tree.add_up([jnp.sum(u * o.astype(u.dtype)) for u, o in zip(cotangents, outs)])
 
-  return phi
+  return objective
 
 
 # Dtypes a function may round its values to internally, coarsest first.
@@ -179,10 +185,10 @@ def _check(
   for pos, value in zip(positions, dynamic):
     flat[pos] = value
   args = list(jax.tree.unflatten(treedef, flat))
-  wide = jnp.float64 if precision == "float64" else FLOAT32
+  check_dtype = jnp.float64 if precision == "float64" else FLOAT32
 
   def eval_dtype(dtype: Any) -> Any:
-    return jnp.promote_types(dtype, wide)
+    return jnp.promote_types(dtype, check_dtype)
 
   args = [
     _tree.map_float(lambda a: a.astype(eval_dtype(a.dtype)), a) if precision == "float64" else a
@@ -205,12 +211,13 @@ def _check(
   out_shapes = [] if scalar else [o.shape for o in out_leaves]
   out_key, dir_key = jax.random.split(key)
   cotangents = [
-    u.astype(eval_dtype(o.dtype)) for u, o in zip(_draw(out_key, out_shapes, wide), out_leaves)
+    u.astype(eval_dtype(o.dtype))
+    for u, o in zip(_draw(out_key, out_shapes, check_dtype), out_leaves)
   ]
-  phi = _projected(call, None if scalar else cotangents, eval_dtype(out_leaves[0].dtype))
-  f0, grads = jax.value_and_grad(phi, allow_int=True)(x)
+  objective = _projected(call, None if scalar else cotangents, eval_dtype(out_leaves[0].dtype))
+  f0, grads = jax.value_and_grad(objective, allow_int=True)(x)
   grads = _tree.flatten_up_to(treedef_x, grads)
-  fallback = _rms([leaves[i] for i in checked], wide)
+  fallback = _rms([leaves[i] for i in checked], check_dtype)
 
   if not checked:
     return {}
@@ -223,10 +230,23 @@ def _check(
   rtols = [_default_rtol(max(e, rounding)) if rtol is None else rtol for e in eps]
   value_eps = [max(out_eps, rounding, _eps(eval_dtype(leaves[i].dtype))) for i in checked]
   m, has_forward = _measure_leaves(
-    phi, leaves, treedef_x, grads, checked, dir_key, num_directions, eps, fallback, f0, wide
+    objective,
+    leaves,
+    treedef_x,
+    grads,
+    checked,
+    dir_key,
+    num_directions,
+    eps,
+    fallback,
+    f0,
+    check_dtype,
   )
   check = _judge(
-    m, jnp.asarray(has_forward), jnp.asarray(rtols, wide), jnp.asarray(value_eps, wide)
+    m,
+    jnp.asarray(has_forward),
+    jnp.asarray(rtols, check_dtype),
+    jnp.asarray(value_eps, check_dtype),
   )
   # Is every value a number of a coarser dtype? The outputs at x and at a
   # point off every dyadic grid, and for a scalar output the check's values
@@ -241,9 +261,9 @@ def _check(
   return {
     **check._asdict(),
     "has_forward": jnp.asarray(has_forward),
-    "rtol": jnp.asarray(rtols, wide),
+    "rtol": jnp.asarray(rtols, check_dtype),
     "rounded": rounded,
-    "value_eps": jnp.asarray(value_eps, wide),
+    "value_eps": jnp.asarray(value_eps, check_dtype),
   }
 
 
@@ -255,7 +275,7 @@ def check_gradients(
   num_directions: int = 2,
   precision: str = "float64",
   rtol: float | None = None,
-) -> GradCheckReport:
+) -> GradientCheckReport:
   """Checks the gradient of ``fn`` with respect to ``args[argnums]``, leaf by leaf.
 
   For every floating leaf of ``args[argnums]`` (any pytree: dicts, lists, a
@@ -308,7 +328,7 @@ def check_gradients(
       of the leaf's and the output's dtype (6e-6 in float64, 5e-3 in float32).
 
   Returns:
-    A :class:`GradCheckReport`; ``report.raise_if_failed()`` turns a
+    A :class:`GradientCheckReport`; ``report.raise_if_failed()`` turns a
     ``mismatch`` or ``nonfinite`` leaf into a :class:`GradientCheckError`.
 
   Raises:
@@ -367,7 +387,7 @@ def check_gradients(
     if rounded_to is not None:
       results = jax.device_get(_check(dynamic, key, rounded_to=rounded_to, **settings))
   rows = tuple(
-    GradCheckRow(
+    GradientCheckRow(
       path=path,
       size=size,
       error=float(results["error"][n]),
@@ -380,7 +400,7 @@ def check_gradients(
     )
     for n, (path, size) in enumerate(checked)
   )
-  return GradCheckReport(
+  return GradientCheckReport(
     rows=rows, precision=precision, num_directions=int(num_directions), rounded_to=rounded_to
   )
 

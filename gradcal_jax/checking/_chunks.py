@@ -12,7 +12,7 @@ import numpy as np
 from gradcal_jax.checking._numerics import _OFFSETS
 
 # Same-shaped leaves checked by one traced body: at most _CHUNK (a larger
-# chunk batches more of phi at every point, a smaller one compiles phi more
+# chunk batches more of objective at every point, a smaller one compiles objective more
 # times), and few enough that the points hold at most _CHUNK_ENTRIES entries.
 _CHUNK = 4
 _CHUNK_ENTRIES = 2**24
@@ -48,22 +48,22 @@ def _chunk_plan(leaves: list[Any], checked: list[int], num_directions: int) -> l
   ]
 
 
-def _over_chunks(
+def _run_chunks(
   chunks: list[list[int]],
   checked: list[int],
   key: jax.Array,
   run_chunk: Callable[[list[int], list[int], jax.Array], Any],
-  wide: Any,
+  check_dtype: Any,
 ) -> Any:
   """``run_chunk(members, idx, chunk_key)`` for every chunk, its per-member
-  results cast to ``wide`` (flags stay bool), concatenated and put back in
+  results cast to ``check_dtype`` (flags stay bool), concatenated and put back in
   ``checked`` order. ``idx`` are the members' indices among all leaves; each
   chunk has its own key, so the directions of a leaf do not depend on how the
   other chunks are checked."""
   parts, order = [], []
   for number, members in enumerate(chunks):
     part = run_chunk(members, [checked[n] for n in members], jax.random.fold_in(key, number))
-    parts.append(jax.tree.map(lambda a: a if a.dtype == jnp.bool_ else a.astype(wide), part))
+    parts.append(jax.tree.map(lambda a: a if a.dtype == jnp.bool_ else a.astype(check_dtype), part))
     order += members
   position = np.argsort(np.asarray(order))
   return jax.tree.map(lambda *a: jnp.concatenate(a)[position], *parts)

@@ -30,7 +30,7 @@ def _unit(v: jax.Array) -> jax.Array:
   return v / jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
 
 
-def _pick(k: jax.Array, xs: list[jax.Array]) -> jax.Array:
+def _select_member(k: jax.Array, xs: list[jax.Array]) -> jax.Array:
   """Member ``k`` of a chunk by a select per member, not by indexing a stack
   of the chunk's leaves (which copies all of them into the temporaries)."""
   out = xs[-1]
@@ -48,19 +48,28 @@ def _replaced(leaves: list[Any], treedef: Any, idx: list[int], ys: Sequence[jax.
 
 
 def _perturbed(
-  phi: Callable[[Any], jax.Array], leaves: list[Any], treedef: Any, idx: list[int], k: jax.Array
+  objective: Callable[[Any], jax.Array],
+  leaves: list[Any],
+  treedef: Any,
+  idx: list[int],
+  k: jax.Array,
 ) -> Callable[[jax.Array], jax.Array]:
-  """``y -> phi(leaves with member k of the chunk idx replaced by y)``.
+  """``y -> objective(leaves with member k of the chunk idx replaced by y)``.
 
   A select per member, not a scatter into a stack: each stays one op fused
   next to its use under ``jax.vmap``."""
-  return lambda y: phi(
+  return lambda y: objective(
     _replaced(leaves, treedef, idx, [jnp.where(k == j, y, leaves[i]) for j, i in enumerate(idx)])
   )
 
 
 def _directions(
-  chunk_key: jax.Array, k: jax.Array, num_directions: int, like: jax.Array, wide: Any, dtype: Any
+  chunk_key: jax.Array,
+  k: jax.Array,
+  num_directions: int,
+  like: jax.Array,
+  check_dtype: Any,
+  dtype: Any,
 ) -> jax.Array:
   """Member ``k``'s ``num_directions`` unit directions, shaped like its leaf.
 
@@ -85,5 +94,5 @@ def _directions(
   x = (x ^ (x >> 16)) * np.uint32(0x7FEB352D)
   x = (x ^ (x >> 15)) * np.uint32(0x846CA68B)
   x = x ^ (x >> 16)
-  v = (x >> 8).astype(wide) * (2.0**-23) - 1.0
+  v = (x >> 8).astype(check_dtype) * (2.0**-23) - 1.0
   return _unit(v.astype(dtype))

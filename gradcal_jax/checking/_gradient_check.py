@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import optax
 
 from gradcal_jax import _stats, _tree
-from gradcal_jax.checking._chunks import _chunk_plan, _over_chunks
-from gradcal_jax.checking._directions import _directions, _perturbed, _pick
+from gradcal_jax.checking._chunks import _chunk_plan, _run_chunks
+from gradcal_jax.checking._directions import _directions, _perturbed, _select_member
 from gradcal_jax.checking._numerics import (
   _OFFSETS,
-  _UNRELIABLE,
+  SEVERITIES,
+  Verdict,
   _default_rtol,
   _eps,
   _finite_differences,
@@ -70,11 +71,11 @@ def _check_in_step(
   count: jax.Array,
   num_directions: int,
   rtol: float | None,
-) -> tuple[jax.Array, Any]:
+) -> tuple[_StepCheck, Any]:
   """:func:`gradient_check`'s comparison, under two ``lax.cond`` on ``checking``.
 
-  Returns ``[worst reliable error, its leaf index, worst severity]`` (zeros
-  and -1 when not checking) and ``updates``, unchanged bit for bit.
+  Returns a :class:`_StepCheck` (no error, leaf -1 when not checking) and
+  ``updates``, unchanged bit for bit.
 
   The check is split where its inputs are: the first half evaluates
   ``value_fn`` at the perturbed params (it reads params and the batch), the
@@ -101,17 +102,17 @@ def _check_in_step(
   # look wrong. The dtype of the loss there, at least float16, and float32
   # set the steps; the params' and gradients' own dtypes set the tolerance,
   # since the gradient was computed and rounded in them.
-  wide_leaves = [
+  float32_leaves = [
     x.astype(jnp.promote_types(x.dtype, FLOAT32)) if _tree.is_float(x) else x for x in leaves
   ]
-  loss = _value_shape(value_fn, jax.tree.unflatten(treedef, wide_leaves))
+  loss = _value_shape(value_fn, jax.tree.unflatten(treedef, float32_leaves))
   out_eps = _eps(jnp.promote_types(loss.dtype, jnp.float16))
-  step_eps = [max(_eps(wide_leaves[i].dtype), out_eps) for i in checked]
+  step_eps = [max(_eps(float32_leaves[i].dtype), out_eps) for i in checked]
   grad_eps = [
     max(_eps(leaves[i].dtype), _eps(grads[i].dtype), e) for i, e in zip(checked, step_eps)
   ]
   rtols = jnp.asarray([_default_rtol(e) if rtol is None else rtol for e in grad_eps], FLOAT32)
-  value_eps = jnp.asarray([max(out_eps, _eps(wide_leaves[i].dtype)) for i in checked], FLOAT32)
+  value_eps = jnp.asarray([max(out_eps, _eps(float32_leaves[i].dtype)) for i in checked], FLOAT32)
 
   # A gradient computed in bfloat16 or float16 carries its own rounding (a
   # bias's sum over the batch cancels: seen 60% off the float32 gradient in
@@ -119,39 +120,39 @@ def _check_in_step(
   # reverse-mode gradients in the params' dtype and in float32 along each
   # direction, and counted in the uncertainty, so it reads as unreliable
   # rather than a mismatch. A planted bug is in both and cancels out.
-  narrow = any(wide_leaves[i].dtype != leaves[i].dtype for i in checked)
+  narrow = any(float32_leaves[i].dtype != leaves[i].dtype for i in checked)
 
   def evaluate() -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    fallback = _rms([wide_leaves[i] for i in checked], FLOAT32)
+    fallback = _rms([float32_leaves[i] for i in checked], FLOAT32)
     if narrow:
       grad_fn = jax.value_and_grad(value_fn, allow_int=True)
-      f0, wide_grads = grad_fn(jax.tree.unflatten(treedef, wide_leaves))
+      f0, float32_grads = grad_fn(jax.tree.unflatten(treedef, float32_leaves))
       own_grads = _tree.flatten_up_to(treedef, grad_fn(jax.tree.unflatten(treedef, leaves))[1])
-      wide_grads = _tree.flatten_up_to(treedef, wide_grads)
+      float32_grads = _tree.flatten_up_to(treedef, float32_grads)
     else:
-      f0 = value_fn(jax.tree.unflatten(treedef, wide_leaves))
+      f0 = value_fn(jax.tree.unflatten(treedef, float32_leaves))
 
     def run_chunk(members: list[int], idx: list[int], chunk_key: jax.Array) -> Any:
       def member(k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        leaf = _pick(k, [wide_leaves[i] for i in idx])
+        leaf = _select_member(k, [float32_leaves[i] for i in idx])
         dtype = leaf.dtype
         v = _directions(chunk_key, k, num_directions, leaf, FLOAT32, dtype)
         t = _step(leaf, fallback.astype(dtype), dtype, step_eps[members[0]])
         f = _finite_differences(
-          _perturbed(value_fn, wide_leaves, treedef, idx, k), leaf, v, t, dtype, batched=False
+          _perturbed(value_fn, float32_leaves, treedef, idx, k), leaf, v, t, dtype, batched=False
         )
         rounding = jnp.zeros(num_directions, dtype)
         if narrow:
-          own, wide = (
-            _gradient_terms(_pick(k, [g[i] for i in idx]), v, dtype)[0]
-            for g in (own_grads, wide_grads)
+          own, in_float32 = (
+            _gradient_terms(_select_member(k, [g[i] for i in idx]), v, dtype)[0]
+            for g in (own_grads, float32_grads)
           )
-          rounding = jnp.abs(own - wide)
+          rounding = jnp.abs(own - in_float32)
         return f, t, rounding
 
       return jax.lax.map(member, jnp.arange(len(idx)))
 
-    f, t, rounding = _over_chunks(
+    f, t, rounding = _run_chunks(
       chunks, checked, jax.random.fold_in(base_key, count), run_chunk, FLOAT32
     )
     return f, t, f0.astype(FLOAT32), rounding
@@ -173,18 +174,18 @@ def _check_in_step(
     lambda u: jnp.where(never, jnp.zeros_like(u), u) if _tree.is_float(u) else u, updates
   )
 
-  def compare() -> jax.Array:
+  def compare() -> _StepCheck:
     def run_chunk(members: list[int], idx: list[int], chunk_key: jax.Array) -> Any:
       del members
       dtype = jnp.promote_types(leaves[idx[0]].dtype, FLOAT32)
 
       def member(k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         v = _directions(chunk_key, k, num_directions, leaves[idx[0]], FLOAT32, dtype)
-        return _gradient_terms(_pick(k, [grads[i] for i in idx]), v, dtype)
+        return _gradient_terms(_select_member(k, [grads[i] for i in idx]), v, dtype)
 
       return jax.lax.map(member, jnp.arange(len(idx)))
 
-    reverse, typical, finite = _over_chunks(
+    reverse, typical, finite = _run_chunks(
       chunks, checked, jax.random.fold_in(base_key, count), run_chunk, FLOAT32
     )
     m = _Measured(
@@ -200,20 +201,32 @@ def _check_in_step(
       m, jnp.zeros(len(checked), jnp.bool_), rtols, value_eps, jnp.max(rounding, axis=1)
     )
     # Errors of unreliable leaves say nothing about the gradient.
-    errors = jnp.where(result.verdict != _UNRELIABLE, result.error, 0.0).astype(FLOAT32)
+    errors = jnp.where(result.verdict != int(Verdict.UNRELIABLE), result.error, 0.0)
+    errors = errors.astype(FLOAT32)
     worst = jnp.argmax(errors)
-    # Severity order: ok < unreliable < mismatch < nonfinite.
-    severity = jnp.asarray([0, 2, 1, 3], jnp.int32)[result.verdict]
-    return jnp.stack(
-      [errors[worst], jnp.asarray(checked, FLOAT32)[worst], jnp.max(severity).astype(FLOAT32)]
+    severity = jnp.asarray(SEVERITIES, jnp.int32)[result.verdict]
+    return _StepCheck(
+      error=errors[worst],
+      leaf=jnp.asarray(checked, jnp.int32)[worst],
+      severity=jnp.max(severity),
     )
 
   return _tree.cond(checking, compare, _no_check_result), updates
 
 
-def _no_check_result() -> jax.Array:
+class _StepCheck(NamedTuple):
+  """What :func:`_check_in_step` found at one step."""
+
+  error: jax.Array  # float32, the worst relative error of a reliable leaf
+  leaf: jax.Array  # int32, that leaf's index among the leaves; -1 if none checked
+  severity: jax.Array  # int32, the worst Verdict.severity of the step
+
+
+def _no_check_result() -> _StepCheck:
   """:func:`_check_in_step`'s result when nothing is checked: no error, no leaf."""
-  return jnp.asarray([0.0, -1.0, 0.0], FLOAT32)
+  return _StepCheck(
+    error=jnp.zeros((), FLOAT32), leaf=jnp.asarray(-1, jnp.int32), severity=jnp.zeros((), jnp.int32)
+  )
 
 
 @_stats.register_state(
@@ -376,15 +389,15 @@ def gradient_check(
       )
     else:
       result = _no_check_result()
-    error, leaf, severity = result[0], result[1].astype(jnp.int32), result[2]
-    new_worst = error > state.worst_error
+    new_worst = result.error > state.worst_error
+    failed = result.severity >= Verdict.MISMATCH.severity
     return updates, GradientCheckState(
       count=_tree.cycle_count(state.count, every_k),
       steps_checked=_tree.count_if(state.steps_checked, checking),
-      failures=_tree.count_if(state.failures, severity >= 2),
-      unreliable=_tree.count_if(state.unreliable, severity == 1),
-      worst_error=jnp.where(new_worst, error, state.worst_error),
-      worst_leaf=jnp.where(new_worst, leaf, state.worst_leaf),
+      failures=_tree.count_if(state.failures, failed),
+      unreliable=_tree.count_if(state.unreliable, result.severity == Verdict.UNRELIABLE.severity),
+      worst_error=jnp.where(new_worst, result.error, state.worst_error),
+      worst_leaf=jnp.where(new_worst, result.leaf, state.worst_leaf),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

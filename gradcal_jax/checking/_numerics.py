@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -9,8 +10,42 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-VERDICTS = ("ok", "mismatch", "unreliable", "nonfinite")
-_OK, _MISMATCH, _UNRELIABLE, _NONFINITE = range(4)
+
+class Verdict(enum.IntEnum):
+  """What a check found on one leaf: the code the traced check computes (the
+  member's value), how bad it is (``severity``, the order the report lists
+  rows in, worst first, and ``gradient_check`` keeps the worst of a step in)
+  and what it means. The one place the four verdicts are defined."""
+
+  severity: int
+  meaning: str
+
+  OK = 0, 0, "every error within rtol"
+  MISMATCH = 1, 2, "an error beyond rtol and beyond what the uncertainty explains"
+  UNRELIABLE = 2, 1, "an error beyond rtol that only the uncertainty could explain"
+  NONFINITE = 3, 3, "a value or a derivative is NaN or infinite"
+
+  def __new__(cls, code: int, severity: int, meaning: str) -> Verdict:
+    member = int.__new__(cls, code)
+    member._value_ = code
+    member.severity = severity
+    member.meaning = meaning
+    return member
+
+  @property
+  def word(self) -> str:
+    """The verdict as the report prints it: ``"ok"``, ``"mismatch"``, ..."""
+    return self.name.lower()
+
+  @classmethod
+  def of(cls, word: str) -> Verdict:
+    """The verdict a report row names."""
+    return cls[word.upper()]
+
+
+# The words in code order, and the severities indexed by code (for traced use).
+VERDICTS = tuple(v.word for v in Verdict)
+SEVERITIES = tuple(v.severity for v in Verdict)
 # Finite-difference offsets, in units of the step t: f(x + a t v) for a in these.
 _OFFSETS = (-1.0, -0.5, 0.5, 1.0)
 # How many uncertainties a disagreement must exceed to be called a mismatch.
@@ -68,14 +103,14 @@ def _rms(leaves: list[jax.Array], dtype: Any) -> jax.Array:
 
 
 def _finite_differences(
-  phi: Callable[[jax.Array], jax.Array],
+  objective: Callable[[jax.Array], jax.Array],
   leaf: jax.Array,
   v: jax.Array,
   t: jax.Array,
   dtype: Any,
   batched: bool,
 ) -> jax.Array:
-  """``phi`` at ``x + a t v`` for every offset ``a`` and direction.
+  """``objective`` at ``x + a t v`` for every offset ``a`` and direction.
 
   Returns an array of shape ``(directions, len(_OFFSETS))``; the centre value
   is the same for every leaf and is evaluated once, by the caller.
@@ -85,7 +120,7 @@ def _finite_differences(
     # Each point is made inside the loop body: one leaf-sized point at a time.
     def at(a_d: tuple[jax.Array, jax.Array]) -> jax.Array:
       a, d = a_d
-      return phi((leaf.astype(dtype) + a * v[d]).astype(leaf.dtype)).astype(dtype)
+      return objective((leaf.astype(dtype) + a * v[d]).astype(leaf.dtype)).astype(dtype)
 
     directions = v.shape[0]
     values = jax.lax.map(
@@ -95,7 +130,7 @@ def _finite_differences(
   ones = (1,) * leaf.ndim
   points = leaf.astype(dtype)[None, None] + offsets.reshape((1, len(_OFFSETS), *ones)) * v[:, None]
   points = points.reshape((-1, *leaf.shape)).astype(leaf.dtype)
-  values = jax.vmap(phi)(points).astype(dtype)
+  values = jax.vmap(objective)(points).astype(dtype)
   return values.reshape(v.shape[0], len(_OFFSETS))
 
 
@@ -129,9 +164,9 @@ def _judge(
   """
   t = m.step[:, None]
   fm1, fmh, fph, fp1 = (m.f[..., k] for k in range(len(_OFFSETS)))
-  wide = (fp1 - fm1) / (2 * t)
-  narrow = (fph - fmh) / t
-  fd = (4 * narrow - wide) / 3
+  slope_t = (fp1 - fm1) / (2 * t)
+  slope_half = (fph - fmh) / t
+  fd = (4 * slope_half - slope_t) / 3
   f0 = m.f0[:, None]
   # The fourth difference is O(t**4) on a smooth function; at a kink it stays
   # O(t) times the jump in slope, and it samples the evaluation noise.
@@ -139,7 +174,7 @@ def _judge(
   size = jnp.maximum(jnp.abs(f0), jnp.max(jnp.abs(m.f), axis=-1))
   floor = _NOISE_FLOOR * value_eps[:, None] * size / t
   # One uncertainty per leaf: directions share the leaf's noise and curvature.
-  spread = jnp.max(jnp.abs(narrow - wide) + kink + floor, axis=1)
+  spread = jnp.max(jnp.abs(slope_half - slope_t) + kink + floor, axis=1)
   if rounding is not None:
     spread = spread + rounding
 
@@ -171,8 +206,12 @@ def _judge(
   )
   verdict = jnp.where(
     ~finite,
-    _NONFINITE,
-    jnp.where(mismatch, _MISMATCH, jnp.where(jnp.any(disagree, axis=1), _UNRELIABLE, _OK)),
+    int(Verdict.NONFINITE),
+    jnp.where(
+      mismatch,
+      int(Verdict.MISMATCH),
+      jnp.where(jnp.any(disagree, axis=1), int(Verdict.UNRELIABLE), int(Verdict.OK)),
+    ),
   )
   return _LeafCheck(
     error=jnp.where(finite, pick(error), jnp.inf),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from gradcal_jax.checking._numerics import VERDICTS
+from gradcal_jax.checking._numerics import VERDICTS, Verdict
 
 
-class GradCheckRow(NamedTuple):
-  """One checked leaf of a :class:`GradCheckReport`.
+class GradientCheckRow(NamedTuple):
+  """One checked leaf of a :class:`GradientCheckReport`.
 
   Attributes:
     path: the leaf's path in the checked argument, ``"layers/0/kernel"``.
@@ -37,7 +37,7 @@ class GradCheckRow(NamedTuple):
 
 
 class GradientCheckError(AssertionError):
-  """Raised by :meth:`GradCheckReport.raise_if_failed` for a wrong gradient."""
+  """Raised by :meth:`GradientCheckReport.raise_if_failed` for a wrong gradient."""
 
 
 def _fmt(x: float | None) -> str:
@@ -45,11 +45,11 @@ def _fmt(x: float | None) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class GradCheckReport:
+class GradientCheckReport:
   """What :func:`check_gradients` found, one row per checked leaf.
 
   Attributes:
-    rows: one :class:`GradCheckRow` per floating leaf, in tree order.
+    rows: one :class:`GradientCheckRow` per floating leaf, in tree order.
     precision: ``"float64"`` or ``"input"``.
     num_directions: directions drawn per leaf.
     rounded_to: the dtype the function's values were found rounded to
@@ -58,7 +58,7 @@ class GradCheckReport:
       then set the tolerance and the rounding floor; None when not so.
   """
 
-  rows: tuple[GradCheckRow, ...]
+  rows: tuple[GradientCheckRow, ...]
   precision: str
   num_directions: int
   rounded_to: str | None = None
@@ -69,17 +69,17 @@ class GradCheckReport:
     return not self.failures
 
   @property
-  def failures(self) -> tuple[GradCheckRow, ...]:
+  def failures(self) -> tuple[GradientCheckRow, ...]:
     """The ``mismatch`` and ``nonfinite`` rows, worst first."""
-    return tuple(r for r in self._sorted() if r.verdict in ("mismatch", "nonfinite"))
+    failing = Verdict.MISMATCH.severity
+    return tuple(r for r in self._sorted() if Verdict.of(r.verdict).severity >= failing)
 
   def verdicts(self) -> dict[str, str]:
     """``{path: verdict}`` for every checked leaf."""
     return {r.path: r.verdict for r in self.rows}
 
-  def _sorted(self) -> list[GradCheckRow]:
-    rank = {"nonfinite": 0, "mismatch": 1, "unreliable": 2, "ok": 3}
-    return sorted(self.rows, key=lambda r: (rank[r.verdict], -r.error))
+  def _sorted(self) -> list[GradientCheckRow]:
+    return sorted(self.rows, key=lambda r: (-Verdict.of(r.verdict).severity, -r.error))
 
   def __str__(self) -> str:
     counts = {v: sum(r.verdict == v for r in self.rows) for v in VERDICTS}
