@@ -173,6 +173,29 @@ def per_leaf(
   return out
 
 
+def flat_index(shape: tuple[int, ...], dtype: Any, split: LeafSplit | None = None) -> jax.Array:
+  """The row-major position of every entry of an array of ``shape``, as
+  ``dtype`` (unsigned wraps modulo its range: a hash input), built from
+  per-axis iotas so a sharded leaf is never reshaped (a reshape could move
+  data between devices). Inside ``shard_map`` (``split``), the position in
+  the whole leaf: each split dimension is offset by this device's block
+  along it."""
+  dtype = jnp.dtype(dtype)
+  modulus = 2 ** (8 * dtype.itemsize)
+  index = jnp.zeros(shape, dtype)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    iota = jax.lax.broadcasted_iota(dtype, shape, axis)
+    extent = shape[axis]
+    if split is not None and split.dims is not None and split.dims[axis]:
+      names = split.dims[axis]
+      iota = iota + jax.lax.axis_index(names).astype(dtype) * extent
+      extent *= math.prod(int(jax.lax.axis_size(a)) for a in names)
+    index = index + iota * dtype.type(stride % modulus)
+    stride *= extent
+  return index
+
+
 def dims_axes(split: LeafSplit, dims: Any) -> tuple[str, ...]:
   """The mesh axes that the dimensions ``dims`` of a leaf are split on."""
   if split.dims is None:

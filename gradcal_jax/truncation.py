@@ -62,25 +62,6 @@ def _magnitude_bits(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(jnp.abs(x), UINT32)
 
 
-def _flat_index(shape: tuple[int, ...], split: _tree.LeafSplit | None = None) -> jax.Array:
-  # The row-major position of every entry, built from per-axis iotas so a
-  # sharded leaf is never reshaped (a reshape could move data between devices).
-  # Inside shard_map (``split``), the position in the whole leaf: each split
-  # dimension is offset by this device's block along it.
-  index = jnp.zeros(shape, INT32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    iota = jax.lax.broadcasted_iota(INT32, shape, axis)
-    extent = shape[axis]
-    if split is not None and split.dims is not None and split.dims[axis]:
-      names = split.dims[axis]
-      iota = iota + jax.lax.axis_index(names).astype(INT32) * extent
-      extent *= math.prod(int(jax.lax.axis_size(a)) for a in names)
-    index = index + iota * stride
-    stride *= extent
-  return index
-
-
 @dataclasses.dataclass(frozen=True)
 class _Whole:
   """How the threshold search sees whole leaves: identity outside
@@ -107,7 +88,7 @@ class _Whole:
 
   def index(self, i: int, x: jax.Array) -> jax.Array:
     split = None if self.col is None or self.splits is None else self.splits[i]
-    return _flat_index(x.shape, split)
+    return _tree.flat_index(x.shape, INT32, split)
 
 
 def _count(mask: jax.Array) -> jax.Array:

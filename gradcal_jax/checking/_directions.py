@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradcal_jax import _tree
+
 
 def _draw(key: jax.Array, shapes: list[tuple[int, ...]], dtype: Any) -> list[jax.Array]:
   """One array of uniform entries in [-1, 1] per shape, from a single draw.
@@ -86,11 +88,7 @@ def _directions(
   """
   seed = jax.random.bits(jax.random.fold_in(chunk_key, k), (), jnp.uint32)
   shape = (num_directions, *like.shape)
-  index, stride = jnp.zeros(shape, jnp.uint32), 1
-  for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
-    stride = stride * shape[axis] % 2**32
-  x = index * np.uint32(0x9E3779B9) + seed
+  x = _tree.flat_index(shape, jnp.uint32) * np.uint32(0x9E3779B9) + seed
   x = (x ^ (x >> 16)) * np.uint32(0x7FEB352D)
   x = (x ^ (x >> 15)) * np.uint32(0x846CA68B)
   x = x ^ (x >> 16)
