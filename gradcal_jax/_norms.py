@@ -13,11 +13,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gradcal_jax._control import cond
 from gradcal_jax._tree import (
   FLOAT32,
   Collective,
   add_up,
-  cond,
   copies_apart,
   float_leaves,
   is_float,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _norms, _stats, _tree
+from gradcal_jax import _control, _norms, _stats, _tree
 
 FLOAT32 = jnp.float32
 INT32 = jnp.int32
@@ -290,7 +290,7 @@ def accumulate(
 
     # Between boundaries, and at a boundary with nothing accumulated, the
     # inner state is held.
-    new_updates, inner_state = _tree.run_or_hold(
+    new_updates, inner_state = _control.run_or_hold(
       run_inner, run, accumulator, state.inner_state, params
     )
 
@@ -316,7 +316,7 @@ def accumulate(
         _tree.leaf_splits(col, updates, floats_only=True),
       )
 
-    mean_square = _tree.cond(
+    mean_square = _control.cond(
       boundary & (positive >= 2), means_square, lambda xs: jnp.zeros((), FLOAT32), means
     )
     trace, signal, estimated = _noise_estimates(square_sum, positive, total, mean_square)

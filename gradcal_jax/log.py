@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradcal_jax import _tree
+from gradcal_jax import _control, _tree
 from gradcal_jax.monitoring import stats
 
 
@@ -83,4 +83,4 @@ def log_stats(
   def run() -> None:
     jax.debug.callback(emit, step, [values[k] for k in keys])
 
-  _tree.cond(jnp.asarray(step) % every == 0, run, lambda: None)
+  _control.cond(jnp.asarray(step) % every == 0, run, lambda: None)

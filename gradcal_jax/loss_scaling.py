@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _stats, _tree
+from gradcal_jax import _control, _stats, _tree
 
 FLOAT32 = jnp.float32
 INT32 = jnp.int32
@@ -205,7 +205,7 @@ def dynamic_loss_scale(
       )
     if col is not None:
       finite = _tree.over_devices(col, finite.astype(INT32), op="min") > 0
-    new_updates, inner_state = _tree.run_or_hold(
+    new_updates, inner_state = _control.run_or_hold(
       finite,
       lambda u, s, p: inner.update(unscale(u), s, p, **extra_args),
       updates,

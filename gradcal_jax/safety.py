@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import optax
 
-from gradcal_jax import _norms, _tree, adaptive, monitoring
+from gradcal_jax import _control, _norms, _tree, adaptive, monitoring
 from gradcal_jax.adaptive import SkipSpikesState, ZClipState
 from gradcal_jax.monitoring import MonitorState
 
@@ -88,7 +88,7 @@ def guard(
   than optax's ``chain(clip_by_global_norm, adam)`` while recording,
   clipping adaptively and skipping spikes. Undonated, the 2.0 above optax's
   figure that remains is Adam's two moments copied so that a held step can
-  return them (``_tree.run_or_hold``).
+  return them (``_control.run_or_hold``).
 
   Args:
     inner: the transform to guard, for example ``optax.adamw(1e-3)``.
@@ -158,7 +158,7 @@ def guard(
     # A step with a non-finite entry has a non-finite norm and is held, so
     # monitor's count is taken on held steps only (0 on the others, as the
     # count of a finite gradient).
-    new_updates, inner_state, nonfinite = _tree.run_or_hold(
+    new_updates, inner_state, nonfinite = _control.run_or_hold(
       ~verdict.skip,
       lambda u, s, p: inner.update(_tree.scale_tree(u, scale), s, p, **extra_args),
       updates,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _norms, _stats, _tree
+from gradcal_jax import _control, _norms, _stats, _tree
 
 FLOAT32 = jnp.float32
 INT32 = jnp.int32
@@ -106,7 +106,7 @@ def _count(mask: jax.Array) -> jax.Array:
 
 def _count_if(active: jax.Array, x: jax.Array, mask_fn: Any) -> jax.Array:
   # A leaf whose search has ended skips its pass over the data (``x``).
-  return _tree.cond(
+  return _control.cond(
     active, lambda: _count(mask_fn()), lambda: _tree.varying_like(jnp.zeros((), INT32), x)
   )
 
@@ -247,7 +247,7 @@ def _search(xs: list[jax.Array], ks: jax.Array, whole: _Whole) -> tuple[jax.Arra
     start = (jnp.where(ties, 0, sizes - 1), sizes)
     return jax.lax.while_loop(lambda c: jnp.any(c[1] - c[0] > 1), step, start)[1]
 
-  cut = _tree.cond(jnp.any(ties), cutoffs, lambda _: sizes, None)
+  cut = _control.cond(jnp.any(ties), cutoffs, lambda _: sizes, None)
   return lo, cut
 
 

@@ -39,7 +39,7 @@ def _safety_stack():
 # reduced row by row, sends vectors between devices when the rows' axis is
 # sharded; a count of non-finite entries (a compare) is not fused into a
 # reduction at all (1.5: the mask is written out). The guards pass their held
-# inner state through the cond (``_tree.run_or_hold``): free when the state
+# inner state through the cond (``_control.run_or_hold``): free when the state
 # is donated, as in training (pinned below), but an undonated update copies
 # it first (Adam's two moments, 2.0). ``guard(adam)`` is the safety stack
 # with ZClip's scale applied inside the cond, the clipped gradient's norm

@@ -1,4 +1,4 @@
-"""Private helpers with a behaviour of their own: ``_tree.cond`` (eager steps
+"""Private helpers with a behaviour of their own: ``_control.cond`` (eager steps
 run one branch op by op) and ``_tree.copies_apart``; and what importing the
 package pulls in."""
 
@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import gradcal_jax as gc
-from gradcal_jax import _tree
+from gradcal_jax import _control, _tree
 
 
 def _branches(calls):
@@ -34,7 +34,7 @@ def _branches(calls):
 def test_an_eager_cond_calls_only_the_branch_it_picks(pred):
   calls = []
   big, small = _branches(calls)
-  out = _tree.cond(jnp.asarray(pred), big, small, jnp.ones(3, jnp.bfloat16))
+  out = _control.cond(jnp.asarray(pred), big, small, jnp.ones(3, jnp.bfloat16))
   want = jax.lax.cond(jnp.asarray(pred), *_branches([]), jnp.ones(3, jnp.bfloat16))
   # Both branches are traced once for the output types, then one runs.
   assert calls.count("big" if pred else "small") == 2
@@ -45,7 +45,7 @@ def test_an_eager_cond_calls_only_the_branch_it_picks(pred):
 
 
 def test_under_jit_it_is_lax_cond():
-  jaxpr = jax.make_jaxpr(lambda p, x: _tree.cond(p, *_branches([]), x))(True, jnp.ones(3))
+  jaxpr = jax.make_jaxpr(lambda p, x: _control.cond(p, *_branches([]), x))(True, jnp.ones(3))
   assert any(e.primitive.name == "cond" for e in jaxpr.jaxpr.eqns)
 
 

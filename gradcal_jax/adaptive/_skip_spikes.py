@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _norms, _stats, _tree
+from gradcal_jax import _control, _norms, _stats, _tree
 from gradcal_jax.adaptive._ring import filled, record
 
 FLOAT32 = jnp.float32
@@ -222,7 +222,7 @@ def skip_spikes(
     verdict = judge_step(
       state, _norms.global_norm(updates, col), loss, sigma=sigma, min_history=min_history, col=col
     )
-    new_updates, inner_state = _tree.run_or_hold(
+    new_updates, inner_state = _control.run_or_hold(
       ~verdict.skip,
       lambda u, s, p: inner.update(u, s, p, **extra_args),
       updates,

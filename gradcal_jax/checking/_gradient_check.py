@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _stats, _tree
+from gradcal_jax import _control, _stats, _tree
 from gradcal_jax.checking._chunks import _chunk_plan, _run_chunks
 from gradcal_jax.checking._directions import _directions, _perturbed, _select_member
 from gradcal_jax.checking._numerics import (
@@ -165,7 +165,7 @@ def _check_in_step(
       jnp.zeros((len(checked), num_directions), FLOAT32),
     )
 
-  f, t, f0, rounding = _tree.cond(checking, evaluate, no_values)
+  f, t, f0, rounding = _control.cond(checking, evaluate, no_values)
   # Steps are norms, never negative (zero when not checking, NaN compares
   # false), so every update is selected as it is, bit for bit; XLA, which
   # cannot know that, runs the first half before the updates are used.
@@ -211,7 +211,7 @@ def _check_in_step(
       severity=jnp.max(severity),
     )
 
-  return _tree.cond(checking, compare, _no_check_result), updates
+  return _control.cond(checking, compare, _no_check_result), updates
 
 
 class _StepCheck(NamedTuple):

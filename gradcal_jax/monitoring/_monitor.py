@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gradcal_jax import _norms, _stats, _tree
+from gradcal_jax import _control, _norms, _stats, _tree
 
 # monitor's default thresholds on a leaf's L2 norm (guard's too).
 VANISHING_BELOW = 1e-7
@@ -130,7 +130,7 @@ def observe(
   if count:
     # A finite global norm proves every entry finite: skip the count then.
     # The norm is global, so every device takes the same branch.
-    nonfinite = _tree.cond(
+    nonfinite = _control.cond(
       jnp.isfinite(norm), lambda: nonfinite, lambda: count_nonfinite(updates, col)
     )
   maxima = [_max_abs(m, per_leaf[i]) for i, m in zip(index, maxima)]
