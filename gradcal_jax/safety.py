@@ -70,10 +70,13 @@ def guard(
     \quad\text{or}\quad \|s\,g\|_2 \notin \mathbb{R},
 
   over its buffer :math:`n` of accepted norms (and the same for ``loss=``).
-  Updates and statistics equal the chain's bit for bit (tested); the state
-  holds the three states, so :func:`~gradcal_jax.stats` gives the chain's
-  keys. What differs is the memory moved. XLA's bytes accessed, over the
-  floor of reading and writing the gradient once, with ``inner`` Adam on ten
+  Statistics equal the chain's bit for bit; updates and ``inner``'s state
+  too where XLA emits no FMA (``--xla_cpu_max_isa=SSE4_2``), else within one
+  rounding, as the scale fused into ``inner``'s read contracts differently
+  (tested). The state holds the three states, so
+  :func:`~gradcal_jax.stats` gives the chain's keys. What differs is the
+  memory moved. XLA's bytes accessed, over the floor of reading and writing
+  the gradient once, with ``inner`` Adam on ten
   float32 leaves (``tests/test_traffic.py``, norms needing no rescue):
 
   ============================  ===========  ====================
@@ -152,14 +155,14 @@ def guard(
     _, clipped = clip.update(updates, state.zclip)
     scale = adaptive.zclip_scale(clipped)
     norm = _norms.global_norm(updates, col, scale=scale)
-    verdict = adaptive.judge_step(
+    decision = adaptive.judge_step(
       state.skip_spikes, norm, loss, sigma=sigma, min_history=min_history, col=col
     )
     # A step with a non-finite entry has a non-finite norm and is held, so
     # monitor's count is taken on held steps only (0 on the others, as the
     # count of a finite gradient).
     new_updates, inner_state, nonfinite = _control.run_or_hold(
-      ~verdict.skip,
+      ~decision.skip,
       lambda u, s, p: inner.update(_tree.scale_tree(u, scale), s, p, **extra_args),
       updates,
       state.skip_spikes.inner_state,
@@ -169,7 +172,7 @@ def guard(
     return new_updates, GuardState(
       monitor=seen._replace(nonfinite=nonfinite),
       zclip=clipped,
-      skip_spikes=adaptive.advance(state.skip_spikes, verdict, inner_state),
+      skip_spikes=adaptive.advance(state.skip_spikes, decision, inner_state),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -14,8 +14,8 @@ the statistics keep describing the finite norms seen so far.
 
 from gradcal_jax.adaptive._autoclip import AutoClipState, autoclip
 from gradcal_jax.adaptive._skip_spikes import (
+  SkipDecision,
   SkipSpikesState,
-  Verdict,
   advance,
   judge_step,
   skip_spikes,
@@ -24,8 +24,8 @@ from gradcal_jax.adaptive._zclip import ZClipState, zclip, zclip_scale
 
 __all__ = [
   "AutoClipState",
+  "SkipDecision",
   "SkipSpikesState",
-  "Verdict",
   "ZClipState",
   "advance",
   "autoclip",

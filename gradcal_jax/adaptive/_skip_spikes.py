@@ -61,7 +61,7 @@ def _threshold(buffer: jax.Array, count: jax.Array, sigma: float) -> jax.Array:
   return mean + sigma * _norms.safe_sqrt(variance)
 
 
-class Verdict(NamedTuple):
+class SkipDecision(NamedTuple):
   """What :func:`skip_spikes` decided about a step before ``inner`` runs.
 
   Attributes:
@@ -88,7 +88,7 @@ def judge_step(
   sigma: float,
   min_history: int,
   col: _tree.Collective | None,
-) -> Verdict:
+) -> SkipDecision:
   """Whether :func:`skip_spikes` skips a step of gradient norm ``norm`` (and
   loss ``loss``, or ``None``), judged against the buffers in ``state``.
   Shared with :func:`gradcal_jax.guard`, which measures the norm itself."""
@@ -106,29 +106,29 @@ def judge_step(
     loss_threshold = _threshold(state.losses, state.loss_count, sigma)
     nonfinite = nonfinite | ~jnp.isfinite(loss)
     spike = spike | ((state.loss_count >= min_history) & (loss > loss_threshold))
-  return Verdict(nonfinite | spike, nonfinite, norm, threshold, loss)
+  return SkipDecision(nonfinite | spike, nonfinite, norm, threshold, loss)
 
 
-def advance(state: SkipSpikesState, verdict: Verdict, inner_state: Any) -> SkipSpikesState:
-  """The :class:`SkipSpikesState` after a step judged ``verdict``: an accepted
+def advance(state: SkipSpikesState, decision: SkipDecision, inner_state: Any) -> SkipSpikesState:
+  """The :class:`SkipSpikesState` after a step judged ``decision``: an accepted
   norm (and loss) enters its ring buffer, the counts move, ``inner_state`` is
   the wrapped transform's (held on a skipped step)."""
-  accept = ~verdict.skip
-  norms, norm_count = record(state.norms, state.norm_count, verdict.norm, accept)
+  accept = ~decision.skip
+  norms, norm_count = record(state.norms, state.norm_count, decision.norm, accept)
   losses, loss_count = state.losses, state.loss_count
-  if verdict.loss is not None:
-    losses, loss_count = record(losses, loss_count, verdict.loss, accept)
+  if decision.loss is not None:
+    losses, loss_count = record(losses, loss_count, decision.loss, accept)
   return SkipSpikesState(
     inner_state=inner_state,
     norms=norms,
     norm_count=norm_count,
     losses=losses,
     loss_count=loss_count,
-    norm=verdict.norm,
-    threshold=verdict.threshold,
-    num_skipped=_tree.count_if(state.num_skipped, verdict.skip),
-    num_nonfinite=_tree.count_if(state.num_nonfinite, verdict.nonfinite),
-    skipped=verdict.skip.astype(INT32),
+    norm=decision.norm,
+    threshold=decision.threshold,
+    num_skipped=_tree.count_if(state.num_skipped, decision.skip),
+    num_nonfinite=_tree.count_if(state.num_nonfinite, decision.nonfinite),
+    skipped=decision.skip.astype(INT32),
   )
 
 
@@ -219,16 +219,16 @@ def skip_spikes(
     updates: Any, state: SkipSpikesState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, SkipSpikesState]:
     loss = extra_args.pop("loss", None)
-    verdict = judge_step(
+    decision = judge_step(
       state, _norms.global_norm(updates, col), loss, sigma=sigma, min_history=min_history, col=col
     )
     new_updates, inner_state = _control.run_or_hold(
-      ~verdict.skip,
+      ~decision.skip,
       lambda u, s, p: inner.update(u, s, p, **extra_args),
       updates,
       state.inner_state,
       params,
     )
-    return new_updates, advance(state, verdict, inner_state)
+    return new_updates, advance(state, decision, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
