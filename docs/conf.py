@@ -54,6 +54,9 @@ nb_execution_mode = "force" if os.environ.get("GRADCAL_DOCS_EXECUTE", "1") != "0
 nb_execution_timeout = 900
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
+# Cells that display(Markdown(...)) their computed prose and tables: parse those
+# outputs as MyST (GFM tables, dollar math), like the notebooks' own text.
+nb_render_markdown_format = "myst"
 
 # --- the family pages, from __all__ ------------------------------------------
 
