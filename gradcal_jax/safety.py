@@ -150,9 +150,18 @@ def guard(
   ) -> tuple[Any, GuardState]:
     loss = extra_args.pop("loss", None)
     seen = monitoring.observe(updates, state.monitor, low, high, col, count=False)
-    # zclip's clipped gradient is not used: only its state, whose scale is
-    # applied below, once to measure and once inside the cond.
-    _, clipped = clip.update(updates, state.zclip)
+    # zclip's state only: its scale is applied below, once to measure and
+    # once inside the cond, and the clipped gradient is never written out.
+    clipped = adaptive.zclip_state(
+      updates,
+      state.zclip,
+      z_threshold=z_threshold,
+      alpha=alpha,
+      warmup_steps=warmup_steps,
+      max_norm=max_norm,
+      eps=eps,
+      col=col,
+    )
     scale = adaptive.zclip_scale(clipped)
     norm = _norms.global_norm(updates, col, scale=scale)
     decision = adaptive.judge_step(

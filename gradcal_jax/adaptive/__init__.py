@@ -9,7 +9,7 @@ the statistics keep describing the finite norms seen so far.
 
 # The family's transforms, one module each (equinox's internal/_loop layout):
 # _ring.py holds the ring buffers autoclip and skip_spikes keep their history
-# in. judge_step, advance and zclip_scale are the pieces gradcal_jax.guard
+# in. judge_step, advance, zclip_state and zclip_scale are the pieces gradcal_jax.guard
 # composes; they are not part of the public API.
 
 from gradcal_jax.adaptive._autoclip import AutoClipState, autoclip
@@ -20,7 +20,7 @@ from gradcal_jax.adaptive._skip_spikes import (
   judge_step,
   skip_spikes,
 )
-from gradcal_jax.adaptive._zclip import ZClipState, zclip, zclip_scale
+from gradcal_jax.adaptive._zclip import ZClipState, zclip, zclip_scale, zclip_state
 
 __all__ = [
   "AutoClipState",
@@ -33,4 +33,5 @@ __all__ = [
   "skip_spikes",
   "zclip",
   "zclip_scale",
+  "zclip_state",
 ]

@@ -121,45 +121,70 @@ def zclip(
 
   def update_fn(updates: Any, state: ZClipState, params: Any = None) -> tuple[Any, ZClipState]:
     del params
-    norm = _norms.global_norm(updates, col)
-    finite = jnp.isfinite(norm)
-    mean, variance = state.mean, state.variance
-    warmup = state.step < warmup_steps
-
-    # Welford's update: after the last warm-up norm these are exactly the
-    # sample mean and population variance of the warm-up norms.
-    n = (state.step + 1).astype(FLOAT32)
-    delta = norm - mean
-    warm_mean = mean + delta / n
-    warm_variance = variance + (delta * (norm - warm_mean) - variance) / n
-
-    std = _norms.safe_sqrt(variance)
-    z = (norm - mean) / (std + eps)
-    outlier = ~warmup & (z > z_threshold)
-    safe_z = jnp.where(outlier, z, 1.0)
-    adaptive = jnp.where(outlier, mean + (z_threshold**2 / safe_z) * std, norm)
-    threshold = adaptive if max_norm is None else jnp.minimum(adaptive, max_norm)
-    scale = _tree.clip_scale(norm, threshold)
-
-    ema_mean = alpha * mean + (1.0 - alpha) * adaptive
-    ema_variance = alpha * variance + (1.0 - alpha) * (adaptive - ema_mean) ** 2
-    new_mean = jnp.where(warmup, warm_mean, ema_mean)
-    new_variance = jnp.where(warmup, warm_variance, ema_variance)
-    new_state = ZClipState(
-      mean=jnp.where(finite, new_mean, mean).astype(FLOAT32),
-      variance=jnp.where(finite, new_variance, variance).astype(FLOAT32),
-      step=_tree.count_if(state.step, finite),
-      norm=norm,
-      threshold=jnp.asarray(threshold, FLOAT32),
-      clipped=(scale < 1.0).astype(INT32),
+    new_state = zclip_state(
+      updates,
+      state,
+      z_threshold=z_threshold,
+      alpha=alpha,
+      warmup_steps=warmup_steps,
+      max_norm=max_norm,
+      eps=eps,
+      col=col,
     )
-    return _tree.scale_tree(updates, scale), new_state
+    return _tree.scale_tree(updates, zclip_scale(new_state)), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def zclip_state(
+  updates: Any,
+  state: ZClipState,
+  *,
+  z_threshold: float,
+  alpha: float,
+  warmup_steps: int,
+  max_norm: float | None,
+  eps: float,
+  col: _tree.Collective | None,
+) -> ZClipState:
+  """The state :func:`zclip` leaves after it saw ``updates`` (its update,
+  without writing the clipped gradient out): :func:`gradcal_jax.guard`
+  applies :func:`zclip_scale` of it inside its ``lax.cond`` instead."""
+  norm = _norms.global_norm(updates, col)
+  finite = jnp.isfinite(norm)
+  mean, variance = state.mean, state.variance
+  warmup = state.step < warmup_steps
+
+  # Welford's update: after the last warm-up norm these are exactly the
+  # sample mean and population variance of the warm-up norms.
+  n = (state.step + 1).astype(FLOAT32)
+  delta = norm - mean
+  warm_mean = mean + delta / n
+  warm_variance = variance + (delta * (norm - warm_mean) - variance) / n
+
+  std = _norms.safe_sqrt(variance)
+  z = (norm - mean) / (std + eps)
+  outlier = ~warmup & (z > z_threshold)
+  safe_z = jnp.where(outlier, z, 1.0)
+  adaptive = jnp.where(outlier, mean + (z_threshold**2 / safe_z) * std, norm)
+  threshold = adaptive if max_norm is None else jnp.minimum(adaptive, max_norm)
+  scale = _tree.clip_scale(norm, threshold)
+
+  ema_mean = alpha * mean + (1.0 - alpha) * adaptive
+  ema_variance = alpha * variance + (1.0 - alpha) * (adaptive - ema_mean) ** 2
+  new_mean = jnp.where(warmup, warm_mean, ema_mean)
+  new_variance = jnp.where(warmup, warm_variance, ema_variance)
+  return ZClipState(
+    mean=jnp.where(finite, new_mean, mean).astype(FLOAT32),
+    variance=jnp.where(finite, new_variance, variance).astype(FLOAT32),
+    step=_tree.count_if(state.step, finite),
+    norm=norm,
+    threshold=jnp.asarray(threshold, FLOAT32),
+    clipped=(scale < 1.0).astype(INT32),
+  )
+
+
 def zclip_scale(state: ZClipState) -> jax.Array:
-  """The factor :func:`zclip` multiplied the gradient by at the step that
-  left ``state`` (its ``clip_scale(norm, threshold)``), for
-  :func:`gradcal_jax.guard`, which applies it inside its ``lax.cond``."""
+  """The factor :func:`zclip` multiplies the gradient by at the step that
+  left ``state``: ``clip_scale(norm, threshold)``."""
   return _tree.clip_scale(state.norm, state.threshold)
